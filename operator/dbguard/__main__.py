@@ -1,0 +1,3 @@
+from dbguard import cli
+
+raise SystemExit(cli.main())
