@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""pgbench directly against PostgreSQL, through PgBouncer and through dbguard, in one run.
+
+Prints tps, mean latency, the ratio to direct and to PgBouncer, and dbguard's CPU microseconds
+per statement (from its process CPU time). Everything listens on loopback; the run is bounded by
+--duration per cell. Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.fix_postgres import APP_PASSWORD, free_port, start_postgres, stop_postgres  # noqa: E402
+from tests.fix_proxy import EXAMPLE_POLICY, EXAMPLE_TOKENS, wait_until  # noqa: E402
+
+WORKLOADS = [  # name, pgbench args, statements per transaction
+    ("select-only simple", ["-S", "-M", "simple"], 1),
+    ("select-only prepared", ["-S", "-M", "prepared"], 1),
+    ("tpc-b simple", ["-M", "simple"], 7),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pgbench(port: int, user: str, password: str, args: list[str], duration: int, clients: int) -> tuple[float, float, int]:
+    env = {**os.environ, "PGPASSWORD": password}
+    r = subprocess.run(["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(clients),
+                        "-j", "2", "-T", str(duration), *args, "app"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {r.stderr[-2000:]}")
+    tps = float(re.search(r"tps = ([\d.]+)", r.stdout).group(1))
+    lat = float(re.search(r"latency average = ([\d.]+) ms", r.stdout).group(1))
+    txns = int(re.search(r"number of transactions actually processed: (\d+)", r.stdout).group(1))
+    return tps, lat, txns
+
+
+def start_pgbouncer(pg_port: int, tmp: pathlib.Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    (tmp / "userlist.txt").write_text(f'"app" "{APP_PASSWORD}"\n')
+    ini = tmp / "pgbouncer.ini"
+    ini.write_text(f"[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app\n[pgbouncer]\n"
+                   f"listen_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\n"
+                   f"auth_file = {tmp}/userlist.txt\npool_mode = session\nmax_client_conn = 200\n"
+                   f"default_pool_size = 40\nunix_socket_dir =\nlogfile = {tmp}/pgbouncer.log\n")
+    cmd = ["pgbouncer", str(ini)]
+    if os.geteuid() == 0:
+        shutil.chown(tmp, "postgres")
+        for f in tmp.iterdir():
+            shutil.chown(f, "postgres")
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0,
+               timeout=20, what="pgbouncer")
+    return proc, port
+
+
+def start_dbguard(pg_port: int, tmp: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "dbguard", "proxy", "--listen", f"127.0.0.1:{port}",
+           "--upstream", f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg_port}/app?sslmode=disable",
+           "--policy", str(EXAMPLE_POLICY), "--tokens", str(EXAMPLE_TOKENS),
+           "--events", str(tmp / "events.jsonl"), "--log-level", "WARNING", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "dbguard.log", "wb"))  # noqa: SIM115
+    wait_until(lambda: subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0,
+               timeout=30, what="dbguard")
+    return proc, port
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=15, help="seconds per pgbench run (default 15)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--scale", type=int, default=10)
+    args = ap.parse_args()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-bench-"))
+    pg = start_postgres(tmp / "pg")
+    procs: list[subprocess.Popen] = []
+    try:
+        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port),
+                        "-U", "app", "app"], env={**os.environ, "PGPASSWORD": APP_PASSWORD},
+                       check=True, capture_output=True)
+        (tmp / "bouncer").mkdir()
+        bouncer, bouncer_port = start_pgbouncer(pg.port, tmp / "bouncer")
+        guard, guard_port = start_dbguard(pg.port, tmp, [])
+        procs += [bouncer, guard]
+        targets = [("direct", pg.port, "app", APP_PASSWORD, None),
+                   ("pgbouncer", bouncer_port, "app", APP_PASSWORD, None),
+                   ("dbguard", guard_port, "bob", "bob-dba-token", guard.pid)]
+        print(f"pgbench: {args.clients} clients, 2 threads, {args.duration}s per cell, scale {args.scale}; "
+              f"dbguard with {EXAMPLE_POLICY.relative_to(ROOT)}", flush=True)
+        header = f"{'workload':<22} {'path':<10} {'tps':>9} {'lat ms':>7} {'/direct':>8} {'/pgbouncer':>10} {'cpu us/stmt':>11}"
+        print(header)
+        print("-" * len(header))
+        for name, wargs, stmts in WORKLOADS:
+            results = {}
+            for label, port, user, password, pid in targets:
+                cpu0 = cpu_seconds(pid) if pid else 0.0
+                tps, lat, txns = pgbench(port, user, password, wargs, args.duration, args.clients)
+                cpu = (cpu_seconds(pid) - cpu0) / (txns * stmts) * 1e6 if pid else None
+                results[label] = tps
+                ratio_d = tps / results["direct"]
+                ratio_b = tps / results["pgbouncer"] if "pgbouncer" in results else float("nan")
+                print(f"{name:<22} {label:<10} {tps:>9.0f} {lat:>7.2f} {ratio_d:>8.2f} {ratio_b:>10.2f} "
+                      f"{cpu if cpu is not None else float('nan'):>11.1f}", flush=True)
+                time.sleep(1)
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        stop_postgres(pg)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

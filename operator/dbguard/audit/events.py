@@ -1,0 +1,59 @@
+"""Structured decision events as JSON lines: the feed the audit ledger persists.
+
+One event per connection, decision and refusal. The sink buffers lines and flushes them on a
+short timer (and at shutdown) so emitting costs a few microseconds on the statement path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import sys
+from typing import IO, Any
+
+import orjson
+
+
+class EventKind(str, enum.Enum):
+    CONNECTION = "connection"  # a client authenticated (or failed to)
+    DECISION = "decision"  # a statement was decided (allow, deny, warn, dryrun, require-approval)
+    REFUSAL = "refusal"  # dbguard refused something before any policy (parse error, protocol, unsafe setting)
+    DISCONNECT = "disconnect"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EventSink:
+    """Writes events as JSON lines to a file or stdout."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._buf: list[bytes] = []
+        self.emitted = 0
+
+    @classmethod
+    def open(cls, target: str) -> EventSink:
+        """``-`` for stdout, otherwise a file path appended to."""
+        if target == "-":
+            return cls(sys.stdout.buffer)
+        return cls(open(target, "ab"))  # noqa: SIM115 - owned by the sink, closed in close()
+
+    def emit(self, kind: EventKind, fields: dict[str, Any]) -> None:
+        event = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"), "kind": kind.value}
+        event.update(fields)
+        self._buf.append(orjson.dumps(event, default=str))
+        self.emitted += 1
+        if len(self._buf) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._stream.write(b"\n".join(self._buf) + b"\n")
+            self._buf.clear()
+            self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._stream is not sys.stdout.buffer:
+            self._stream.close()

@@ -1,0 +1,50 @@
+"""The ``dbguard`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbguard",
+        description="Identity-aware PostgreSQL governance: proxy, offline policy checks, audit.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from dbguard.policy import check
+
+    p_check = sub.add_parser(
+        "check",
+        help="decide a statement offline (no database) or run a table of expected decisions",
+        description="Evaluate GuardrailPolicy files against a statement (--sql) or a YAML table of cases "
+        "(--cases) without any database. Prints the decision as JSON; with --cases exits 1 on a mismatch.",
+    )
+    check.add_arguments(p_check)
+    p_check.set_defaults(func=check.run)
+
+    try:
+        from dbguard.session import cli as proxy_cli
+    except ImportError:  # pragma: no cover - while the proxy package is being built
+        proxy_cli = None
+    if proxy_cli is not None:
+        p_proxy = sub.add_parser(
+            "proxy",
+            help="serve PostgreSQL clients and decide every statement",
+            description=proxy_cli.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        proxy_cli.add_arguments(p_proxy)
+        p_proxy.set_defaults(func=proxy_cli.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

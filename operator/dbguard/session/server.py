@@ -1,0 +1,105 @@
+"""The listener: accepts clients, owns what sessions share, forwards cancels, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import ssl
+from typing import Any
+
+from dbguard.audit.events import EventSink
+from dbguard.config import ProxySettings
+from dbguard.identity.static import StaticTokens
+from dbguard.session import upstream
+from dbguard.session.guard import FactsCache
+from dbguard.session.session import ClientSession
+
+log = logging.getLogger("dbguard.proxy")
+
+
+def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Proxy:
+    """Shared state of one proxy process."""
+
+    def __init__(self, settings: ProxySettings, *, decider: Any, events: EventSink,
+                 tokens: StaticTokens | None) -> None:
+        self.settings = settings
+        self.decider = decider
+        self.events = events
+        self.tokens = tokens
+        self.facts_cache = FactsCache()
+        self.sessions: set[ClientSession] = set()
+        self.cancel_keys: dict[tuple[int, int], tuple[ClientSession, int, int]] = {}
+        self.tls_context = (make_tls_context(settings.listen.tls_cert, settings.listen.tls_key)
+                            if settings.listen.tls_cert else None)
+        self.server: asyncio.AbstractServer | None = None
+        self._flusher: asyncio.TimerHandle | None = None
+        self._stopped = asyncio.Event()
+
+    def register_cancel(self, session: ClientSession, server_pid: int, server_key: int) -> tuple[int, int]:
+        """Hand the client a key of our own: it never learns the server's, and cannot cancel other clients."""
+        while True:
+            key = (secrets.randbelow(2**31 - 1) + 1, secrets.randbits(31))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = (session, server_pid, server_key)
+                return key
+
+    def forward_cancel(self, pid: int, secret: int) -> None:
+        entry = self.cancel_keys.get((pid, secret))
+        if entry is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        _, server_pid, server_key = entry
+        task = asyncio.get_running_loop().create_task(
+            upstream.send_cancel(self.settings.upstream, server_pid, server_key))
+        task.add_done_callback(lambda t: t.exception() and log.warning("cancel forwarding failed: %s", t.exception()))
+
+    def _new_session(self) -> ClientSession:
+        return ClientSession(self)
+
+    def _flush_events(self) -> None:
+        self.events.flush()
+        self._flusher = asyncio.get_running_loop().call_later(0.1, self._flush_events)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.settings.listen
+        self.server = await loop.create_server(self._new_session, listen.host, listen.port, reuse_address=True)
+        self._flusher = loop.call_later(0.1, self._flush_events)
+        addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.server.sockets)
+        log.info("dbguard proxy listening on %s, upstream %s", addrs, self.settings.upstream.redacted_url())
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def drain(self) -> None:
+        """Stop accepting; give sessions the grace period to finish; then close what is left."""
+        if self.server is not None:
+            self.server.close()
+        deadline = asyncio.get_running_loop().time() + self.settings.limits.shutdown_grace
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s._fatal("57P01", "dbguard is shutting down")  # noqa: SLF001
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.events.flush()
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.drain()))
+        await self._stopped.wait()

@@ -1,0 +1,581 @@
+"""One client connection: start-up, authentication, then every message judged and relayed.
+
+Refusals are executed *by the server*: the proxy sends it a Bind to a statement name that cannot
+exist (``dbguard.refused.N``), and replaces the server's "does not exist" ErrorResponse with its
+own. The server thus enters exactly the state PostgreSQL semantics require (failed transaction
+block, rolled-back implicit transaction, discard until Sync), responses stay in order behind
+pipelined statements, and the client's transaction status always matches the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from dbguard.analyze import facts as F
+from dbguard.audit.events import EventKind
+from dbguard.errors import Refusal
+from dbguard.identity.principal import Principal
+from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
+from dbguard.pgwire import messages as m
+from dbguard.session import upstream
+from dbguard.session.guard import Guard, Verdict, refusal_for_analysis_error
+from dbguard.sqlstate import SqlState
+
+if TYPE_CHECKING:
+    from dbguard.session.server import Proxy
+
+log = logging.getLogger("dbguard.session")
+
+REFUSED_PREFIX = "dbguard.refused."
+# Startup parameters forwarded to the server. Anything else is refused: `options` could carry
+# `-c standard_conforming_strings=off`, `replication` opens a replication connection.
+FORWARDED_PARAMS = frozenset({"application_name", "client_encoding", "DateStyle", "TimeZone",
+                              "extra_float_digits", "IntervalStyle", "datestyle", "timezone"})
+IGNORED_PARAMS = frozenset({"user", "database"})
+_UTF8 = frozenset({"utf8", "utf-8", "unicode"})
+
+
+class ClientSession(asyncio.Protocol):
+    """asyncio protocol for one client; owns its upstream connection."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.settings = proxy.settings
+        self.transport: asyncio.Transport | None = None
+        self.parser = FrontendParser(max_message_size=self.settings.limits.max_message_size)
+        self.session_id = secrets.token_hex(8)
+        self.client_addr = ""
+        self.principal: Principal | None = None
+        self.params: dict[str, str] = {}
+        self.guard: Guard | None = None
+        self.upstream: upstream.UpstreamConnection | None = None
+        self.relay = BackendRelay(self._on_backend_message)
+        self.state = "startup"  # startup -> password -> connecting -> ready -> closed
+        self.tls = False
+        self.key = (0, 0)  # (process id, secret) the client sees; mapped to the server's
+        self._busy = False  # a message is waiting for an async step; further input waits
+        self._out = bytearray()  # bytes for the server, written once per batch of input
+        self._discard_until_sync = False
+        self._in_batch = False  # extended-protocol messages seen since the last Sync
+        self._statements: dict[str, tuple[F.StatementFacts, ...]] = {}  # protocol-level prepared statements
+        self._portals: dict[str, tuple[F.StatementFacts, ...]] = {}
+        self._markers: dict[str, tuple[Refusal, int]] = {}  # refusal name -> (refusal, sync number)
+        self._refusals = 0
+        self._syncs_sent = 0  # Query and Sync messages sent: each earns one ReadyForQuery
+        self._rfq_seen = 0
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._client_paused = False
+
+    # -- transport callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        self._login_timer = asyncio.get_running_loop().call_later(self.settings.limits.login_timeout, self._login_timeout)
+        self.proxy.sessions.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._teardown()
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.receive_data(data)
+        if not self._busy:
+            self._process()
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading from the server
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.protocol.closed:
+            self.upstream.transport.resume_reading()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fatal(self, sqlstate: str, message: str, *, log_level: int = logging.WARNING) -> None:
+        """FATAL error to this one client, then close it: for what the protocol cannot recover from."""
+        log.log(log_level, "session %s (%s): closing: %s", self.session_id, self.client_addr, message)
+        self.proxy.events.emit(EventKind.REFUSAL, {"session": self.session_id, "client_addr": self.client_addr,
+                                                    "identity": self.principal.to_dict() if self.principal else None,
+                                                    "rule": "dbguard:protocol", "sqlstate": sqlstate,
+                                                    "reason": message, "fatal": True})
+        self._send(m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL"))
+        self._close()
+
+    def _close(self) -> None:
+        self.state = "closed"
+        if self.transport is not None:
+            self.transport.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self.state != "gone":
+            if self.principal is not None:
+                self.proxy.events.emit(EventKind.DISCONNECT, {"session": self.session_id, "user": self.principal.user})
+            self.state = "gone"
+        self.proxy.sessions.discard(self)
+        self.proxy.cancel_keys.pop(self.key, None)
+        if self.upstream is not None:
+            self.upstream.protocol.on_lost = None
+            self.upstream.transport.close()
+
+    def _login_timeout(self) -> None:
+        self._login_timer = None
+        if self.state not in ("ready", "closed", "gone"):
+            self._fatal(SqlState.CONNECTION_FAILURE.value,
+                        f"login timeout: no complete start-up within {self.settings.limits.login_timeout:g}s")
+
+    def _run_async(self, step: Awaitable[None]) -> None:
+        """Stop taking input until ``step`` finishes; then resume where we were."""
+        self._busy = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(step)
+        task.add_done_callback(self._async_done)
+
+    def _async_done(self, task: asyncio.Task) -> None:
+        self._busy = False
+        if task.cancelled():
+            return self._close()
+        exc = task.exception()
+        if exc is not None:
+            log.exception("session %s: internal error", self.session_id, exc_info=exc)
+            return self._fatal("XX000", f"dbguard internal error: {type(exc).__name__}")
+        if self.state in ("closed", "gone"):
+            return None
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._process()
+        return None
+
+    # -- input loop ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        try:
+            while not self._busy and self.state not in ("closed", "gone"):
+                msg = self.parser.next_message()
+                if msg is NEED_DATA:
+                    break
+                if self.state == "ready":
+                    self._on_message(msg)
+                else:
+                    self._on_startup_message(msg)
+        except RemoteProtocolError as exc:
+            self._flush()
+            self._fatal(exc.sqlstate, f"protocol violation: {exc}")
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self.upstream is not None:
+            self.upstream.transport.write(bytes(self._out))
+            self._out.clear()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _on_startup_message(self, msg: object) -> None:
+        if isinstance(msg, m.SSLRequest):
+            return self._start_tls()
+        if isinstance(msg, m.GSSENCRequest):
+            self._send(b"N")
+            return None
+        if isinstance(msg, m.CancelRequest):
+            self.proxy.forward_cancel(msg.process_id, msg.secret_key)
+            return self._close()
+        if isinstance(msg, m.StartupMessage):
+            return self._on_startup(msg)
+        if isinstance(msg, m.PasswordMessage) and self.state == "password":
+            return self._on_password(msg)
+        raise RemoteProtocolError(f"unexpected message {type(msg).__name__} during start-up")
+
+    def _start_tls(self) -> None:
+        ctx: ssl.SSLContext | None = self.proxy.tls_context
+        if self.tls or ctx is None:
+            self._send(b"N")
+            return
+        if self.parser.buffered:
+            # CVE-2021-23214: bytes sent before the handshake could be injected by a man in the middle.
+            raise RemoteProtocolError("received unencrypted data after SSLRequest")
+        self._send(b"S")
+        self._run_async(self._tls_handshake(ctx))
+
+    async def _tls_handshake(self, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=True)  # type: ignore[arg-type]
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            log.warning("session %s (%s): TLS handshake failed: %s", self.session_id, self.client_addr, exc)
+            self._close()
+            return
+        self.transport = new  # type: ignore[assignment]
+        self.tls = True
+
+    def _on_startup(self, msg: m.StartupMessage) -> None:
+        params = msg.params
+        if "replication" in params:
+            return self._fatal("0A000", "replication connections are not allowed through dbguard")
+        unknown = sorted(set(params) - FORWARDED_PARAMS - IGNORED_PARAMS)
+        if unknown:
+            return self._fatal("0A000", f"startup parameter(s) not allowed through dbguard: {', '.join(unknown)}")
+        enc = params.get("client_encoding")
+        if enc is not None and enc.lower() not in _UTF8:
+            return self._fatal("0A000", f"client_encoding must be UTF8 through dbguard (asked: {enc})")
+        if self.settings.listen.require_tls and not self.tls:
+            return self._fatal("28000", "this dbguard proxy requires TLS (sslmode=require)")
+        database = params.get("database") or params.get("user", "")
+        if database != self.settings.upstream.database:
+            return self._fatal("3D000", f'database "{database}" is not served by this proxy '
+                                        f'(it serves "{self.settings.upstream.database}")')
+        self.params = params
+        identity = self.settings.identity
+        if identity.mode == "workload":
+            self.principal = Principal(user=identity.workload_user, groups=identity.workload_groups,
+                                       source="workload", workload=identity.workload_user,
+                                       end_user=params.get("application_name", ""))
+            return self._connect_upstream()
+        self.state = "password"
+        self._send(m.encode_auth_request(3))  # AuthenticationCleartextPassword: the password is the token
+        return None
+
+    def _on_password(self, msg: m.PasswordMessage) -> None:
+        token = msg.data.rstrip(b"\x00").decode("utf-8", "replace")
+        principal = self.proxy.tokens.authenticate(token) if self.proxy.tokens is not None else None
+        requested = self.params.get("user", "")
+        if principal is None or (requested and requested != principal.user):
+            self.proxy.events.emit(EventKind.CONNECTION, {"session": self.session_id, "client_addr": self.client_addr,
+                                                         "user": requested, "authenticated": False})
+            return self._fatal("28P01", f'token authentication failed for user "{requested}"')
+        self.principal = principal
+        return self._connect_upstream()
+
+    def _connect_upstream(self) -> None:
+        self.state = "connecting"
+        self._run_async(self._open_upstream())
+
+    async def _open_upstream(self) -> None:
+        forwarded = {k: v for k, v in self.params.items() if k in FORWARDED_PARAMS}
+        forwarded["client_encoding"] = "UTF8"
+        try:
+            conn = await upstream.connect(self.settings.upstream, forwarded)
+        except upstream.UpstreamError as exc:
+            log.warning("session %s: upstream connection failed: %s", self.session_id, exc)
+            return self._fatal(exc.sqlstate if exc.sqlstate.startswith(("08", "28", "3D", "53", "57")) else "08006",
+                               str(exc))
+        if self.state != "connecting":
+            conn.transport.close()
+            return None
+        self.upstream = conn
+        conn.protocol.on_lost = self._on_upstream_lost
+        conn.protocol.on_pause = self._on_upstream_pause
+        rest = conn.protocol.reader.take_rest()
+        conn.protocol.on_data = self._on_upstream_data
+        assert self.principal is not None
+        self.guard = Guard(decider=self.proxy.decider, cache=self.proxy.facts_cache, principal=self.principal,
+                           session={"database": self.settings.upstream.database, "user": self.params.get("user", ""),
+                                    "application_name": self.params.get("application_name", ""),
+                                    "client_addr": self.client_addr.rsplit(":", 1)[0], "protocol": "simple",
+                                    "in_transaction": False})
+        self.key = self.proxy.register_cancel(self, conn.process_id, conn.secret_key)
+        out = [m.encode_auth_request(0)]
+        out += [m.encode_parameter_status(k, v) for k, v in conn.parameters.items()]
+        out.append(m.encode_backend_key_data(*self.key))
+        out.append(m.encode_ready_for_query(conn.status))
+        self._send(b"".join(out))
+        self.state = "ready"
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        self.proxy.events.emit(EventKind.CONNECTION, {
+            "session": self.session_id, "client_addr": self.client_addr, "identity": self.principal.to_dict(),
+            "database": self.settings.upstream.database, "application_name": self.params.get("application_name", ""),
+            "tls": self.tls, "authenticated": True})
+        if rest:
+            self._on_upstream_data(rest)
+        return None
+
+    # -- server -> client --------------------------------------------------------------------------
+
+    def _on_upstream_data(self, data: bytes) -> None:
+        try:
+            out = self.relay.feed(data)
+        except RemoteProtocolError as exc:
+            return self._fatal("08P01", f"the database server sent a malformed message: {exc}")
+        if out:
+            self._send(out)
+        return None
+
+    def _on_upstream_lost(self, exc: BaseException | None) -> None:
+        if self.state in ("closed", "gone"):
+            return
+        self._fatal("08006", "the database server closed the connection", log_level=logging.INFO)
+
+    def _on_upstream_pause(self, paused: bool) -> None:  # the server reads slowly: stop reading the client
+        if self.transport is None:
+            return
+        if paused:
+            self._client_paused = True
+            self.transport.pause_reading()
+        elif self._client_paused:
+            self._client_paused = False
+            if not self._busy:
+                self.transport.resume_reading()
+
+    def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
+        if type_code == 0x5A:  # 'Z' ReadyForQuery
+            status = chr(payload[0]) if payload else "I"
+            self._rfq_seen += 1
+            if self.guard is not None:
+                self.guard.session["in_transaction"] = status != "I"
+            if status == "I":
+                self._portals.clear()  # portals do not outlive their transaction
+            if self._markers:
+                for name in [n for n, (_, sync_no) in self._markers.items() if sync_no <= self._rfq_seen]:
+                    del self._markers[name]
+            return None
+        if type_code == 0x45 and self._markers:  # 'E': is it one of our refusals coming back?
+            text = payload.decode("utf-8", "replace")
+            for name, (refusal, _) in list(self._markers.items()):
+                if f'"{name}"' in text:
+                    del self._markers[name]
+                    return m.encode_error(sqlstate=str(refusal.sqlstate), message=refusal.message,
+                                          detail=refusal.detail, hint=refusal.hint)
+            return None
+        if type_code == 0x53:  # 'S' ParameterStatus: the last line of defence for parser/server agreement
+            name, _, rest = payload.partition(b"\x00")
+            value = rest.split(b"\x00", 1)[0].decode("utf-8", "replace")
+            if (name == b"standard_conforming_strings" and value != "on") or (
+                name == b"client_encoding" and value.lower() not in _UTF8
+            ):
+                log.error("session %s: server reports %s=%s; closing", self.session_id, name.decode(), value)
+                asyncio.get_running_loop().call_soon(
+                    self._fatal, "42501",
+                    f"dbguard closed the session: the server now reads SQL with {name.decode()}={value}, "
+                    "which dbguard cannot judge safely")
+                return b""
+        return None
+
+    # -- client -> server --------------------------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal, *, sync: bool) -> None:
+        """Make the server fail in place of the refused message (see the module docstring)."""
+        self._refusals += 1
+        name = f"{REFUSED_PREFIX}{self.session_id}.{self._refusals}"
+        # The marker is dropped when the ReadyForQuery of the Sync that closes this batch arrives.
+        self._markers[name] = (refusal, self._syncs_sent + 1)
+        self._out += m.encode_bind(statement=name)
+        if sync:
+            self._out += m.encode_sync()
+            self._syncs_sent += 1
+        else:
+            self._discard_until_sync = True
+
+    def _emit_refusal(self, refusal: Refusal, statement: str = "", extra: dict[str, Any] | None = None) -> None:
+        assert self.principal is not None
+        fields: dict[str, Any] = {"session": self.session_id, "identity": self.principal.to_dict(),
+                                  "database": self.settings.upstream.database, "client_addr": self.client_addr,
+                                  "rule": refusal.rule, "sqlstate": str(refusal.sqlstate), "reason": refusal.message,
+                                  "statement": statement[:4096]}
+        if extra:
+            fields.update(extra)
+        self.proxy.events.emit(EventKind.REFUSAL, fields)
+
+    def _on_message(self, msg: object) -> None:
+        if self._discard_until_sync and not isinstance(msg, m.Sync | m.Terminate):
+            return None  # PostgreSQL does the same after an error in an extended-protocol batch
+        if isinstance(msg, m.Query):
+            return self._on_query(msg)
+        if isinstance(msg, m.Parse):
+            return self._on_parse(msg)
+        if isinstance(msg, m.Bind):
+            return self._on_bind(msg)
+        if isinstance(msg, m.Execute):
+            self._in_batch = True
+            if msg.portal not in self._portals:
+                return self._refuse_protocol(SqlState.INVALID_CURSOR_NAME,
+                                             f"dbguard refused Execute: portal {msg.portal!r} was not bound through dbguard")
+            self._out += msg.raw
+            return None
+        if isinstance(msg, m.Sync):
+            self._discard_until_sync = False
+            self._in_batch = False
+            self._syncs_sent += 1
+            self._out += msg.raw
+            return None
+        if isinstance(msg, m.Describe):
+            self._in_batch = True
+            known = self._statements if msg.kind == "S" else self._portals
+            if msg.name not in known:
+                state = SqlState.INVALID_SQL_STATEMENT_NAME if msg.kind == "S" else SqlState.INVALID_CURSOR_NAME
+                what = "prepared statement" if msg.kind == "S" else "portal"
+                return self._refuse_protocol(state, f"dbguard refused Describe: {what} {msg.name!r} is unknown to dbguard")
+            self._out += msg.raw
+            return None
+        if isinstance(msg, m.Close):
+            self._in_batch = True
+            (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+            self._out += msg.raw
+            return None
+        if isinstance(msg, m.Flush | m.CopyData | m.CopyDone | m.CopyFail):
+            self._out += msg.raw
+            return None
+        if isinstance(msg, m.Terminate):
+            self._out += msg.raw
+            self._flush()
+            return self._close()
+        if isinstance(msg, m.FunctionCall):
+            return self._refuse_protocol(SqlState.FEATURE_NOT_SUPPORTED,
+                                         "dbguard refused a FunctionCall message: the fast-path function "
+                                         "interface bypasses SQL; call the function with SELECT")
+        name = getattr(msg, "type_code", type(msg).__name__)
+        return self._refuse_protocol(SqlState.PROTOCOL_VIOLATION,
+                                     f"dbguard refused an unknown or unexpected message type {name!r}")
+
+    def _refuse_protocol(self, sqlstate: SqlState, message: str) -> None:
+        refusal = Refusal(sqlstate=sqlstate, message=message, rule="dbguard:protocol")
+        self._emit_refusal(refusal)
+        self._refuse(refusal, sync=not self._in_batch)
+
+    # simple protocol
+
+    def _decode(self, sql: bytes) -> str | None:
+        try:
+            return sql.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _on_query(self, msg: m.Query) -> None:
+        assert self.guard is not None
+        self.guard.session["protocol"] = "simple"
+        sql = self._decode(msg.sql)
+        if sql is None:
+            return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
+                                                message="dbguard refused the statement: it is not valid UTF-8"),
+                                        "", sync=True)
+        try:
+            statements, normalized = self.proxy.facts_cache.literal_independent(sql)
+        except F.AnalysisError as exc:
+            return self._refuse_and_log(refusal_for_analysis_error(exc), sql, sync=True)
+        if not statements:  # empty or only comments: the server answers EmptyQueryResponse
+            self._syncs_sent += 1
+            self._out += msg.raw
+            return None
+        now = datetime.datetime.now(datetime.UTC)
+        verdict = self.guard.judge_fast(statements, now)
+        if verdict is None:
+            return self._run_async(self._query_slow(msg, statements, normalized, now))
+        return self._apply_query(msg, verdict, normalized)
+
+    async def _query_slow(self, msg: m.Query, statements: tuple[F.StatementFacts, ...], normalized: str,
+                          now: datetime.datetime) -> None:
+        assert self.guard is not None
+        verdict = await self.guard.judge(statements, now)
+        self._apply_query(msg, verdict, normalized)
+        self._flush()
+
+    def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str) -> None:
+        self._emit_decision(verdict, normalized, "simple")
+        if verdict.refusal is not None:
+            return self._refuse(verdict.refusal, sync=True)
+        self._send_warnings(verdict)
+        assert self.guard is not None
+        self.guard.remember(verdict.statements)
+        self._syncs_sent += 1
+        self._out += msg.raw
+        return None
+
+    def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
+        self._emit_refusal(refusal, statement)
+        self._refuse(refusal, sync=sync)
+
+    def _send_warnings(self, verdict: Verdict) -> None:
+        for text in verdict.warnings:
+            self._send(m.encode_error(sqlstate="01000", message=text, severity="WARNING", notice=True))
+
+    def _emit_decision(self, verdict: Verdict, statement: str, protocol: str) -> None:
+        assert self.principal is not None
+        refusal = verdict.refusal
+        self.proxy.events.emit(EventKind.DECISION, {
+            "session": self.session_id, "identity": self.principal.to_dict(),
+            "database": self.settings.upstream.database, "client_addr": self.client_addr, "protocol": protocol,
+            "statement": statement[:4096],
+            "statements": [{"command": f.command, "fingerprint": f.fingerprint,
+                            "actions": [a.to_dict() for a in f.actions], "flags": [x.value for x in f.flags]}
+                           for f in verdict.judged],
+            "decisions": [d.to_dict() for d in verdict.decisions],
+            "outcome": "refused" if refusal is not None else "forwarded",
+            "rule": refusal.rule if refusal is not None else "",
+            "sqlstate": str(refusal.sqlstate) if refusal is not None else "",
+            "reason": refusal.message if refusal is not None else "",
+        })
+
+    # extended protocol
+
+    def _on_parse(self, msg: m.Parse) -> None:
+        self._in_batch = True
+        if msg.name.startswith("dbguard."):
+            return self._refuse_protocol(SqlState.INVALID_SQL_STATEMENT_NAME,
+                                         "dbguard refused Parse: statement names starting with 'dbguard.' are reserved")
+        sql = self._decode(msg.sql)
+        if sql is None:
+            return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
+                                                message="dbguard refused the statement: it is not valid UTF-8"),
+                                        "", sync=False)
+        try:
+            statements = self.proxy.facts_cache.exact(sql)
+        except F.AnalysisError as exc:
+            self._statements.pop(msg.name, None)
+            return self._refuse_and_log(refusal_for_analysis_error(exc), sql, sync=False)
+        self._statements[msg.name] = statements
+        self._out += msg.raw
+        return None
+
+    def _on_bind(self, msg: m.Bind) -> None:
+        self._in_batch = True
+        assert self.guard is not None
+        statements = self._statements.get(msg.statement)
+        if statements is None:
+            return self._refuse_protocol(SqlState.INVALID_SQL_STATEMENT_NAME,
+                                         f"dbguard refused Bind: prepared statement {msg.statement!r} was not "
+                                         "parsed through dbguard")
+        self.guard.session["protocol"] = "extended"
+        if not statements:
+            self._portals[msg.portal] = statements
+            self._out += msg.raw
+            return None
+        now = datetime.datetime.now(datetime.UTC)
+        verdict = self.guard.judge_fast(statements, now)
+        if verdict is None:
+            return self._run_async(self._bind_slow(msg, statements, now))
+        return self._apply_bind(msg, verdict)
+
+    async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
+        assert self.guard is not None
+        verdict = await self.guard.judge(statements, now)
+        self._apply_bind(msg, verdict)
+        self._flush()
+
+    def _apply_bind(self, msg: m.Bind, verdict: Verdict) -> None:
+        self._emit_decision(verdict, " ; ".join(f.text for f in verdict.statements), "extended")
+        if verdict.refusal is not None:
+            self._portals.pop(msg.portal, None)
+            return self._refuse(verdict.refusal, sync=False)
+        self._send_warnings(verdict)
+        assert self.guard is not None
+        self.guard.remember(verdict.statements)
+        self._portals[msg.portal] = verdict.statements
+        self._out += msg.raw
+        return None

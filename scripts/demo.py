@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""`make demo`: a local PostgreSQL, dbguard in front of it with the example policy, real psql traffic.
+
+Shows an ordinary read and write allowed, destructive statements refused with the rule's name,
+an UPDATE of a customer balance answered with "approval required", and the decision events that
+answer "who tried to change a balance?". Everything listens on loopback and is stopped at the end
+(pass --keep to leave it running and get the psql command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.fix_postgres import reset_schema, start_postgres, stop_postgres  # noqa: E402
+from tests.fix_proxy import TOKENS, start_proxy  # noqa: E402
+
+BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m") if sys.stdout.isatty() \
+    else ("",) * 5
+
+
+def step(title: str) -> None:
+    print(f"\n{BOLD}== {title}{RESET}")
+
+
+def run_psql(dsn: str, sql: str, who: str) -> bool:
+    print(f"{DIM}{who}${RESET} psql -c {json.dumps(sql)}")
+    r = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql], capture_output=True, text=True)
+    out = (r.stdout + r.stderr).rstrip()
+    colour = GREEN if r.returncode == 0 else RED
+    print("\n".join(f"  {colour}{line}{RESET}" for line in out.splitlines()))
+    return r.returncode == 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", action="store_true", help="leave PostgreSQL and the proxy running")
+    args = ap.parse_args()
+    base = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-demo-"))
+    step("Starting PostgreSQL (Debian packages) with the demo shop schema")
+    pg = start_postgres(base / "pg")
+    reset_schema(pg)
+    print(f"  PostgreSQL on 127.0.0.1:{pg.port}, database app")
+    step("Starting dbguard proxy with examples/policy.yaml")
+    proxy = start_proxy(pg, base)
+    print(f"  dbguard proxy --listen 127.0.0.1:{proxy.port} --upstream postgresql://app@127.0.0.1:{pg.port}/app "
+          "--policy examples/policy.yaml --tokens examples/tokens.yaml")
+    failures = []
+    try:
+        alice = proxy.dsn("alice")
+        step("alice (group developers): ordinary reads and writes are allowed")
+        failures += [s for s in ["SELECT id, name, balance FROM customers ORDER BY id",
+                                 "INSERT INTO orders (customer_id, amount) VALUES (2, 42.00)",
+                                 "UPDATE orders SET status = 'shipped' WHERE id = 1"]
+                     if not run_psql(alice, s, "alice")]
+        step("Destructive statements are refused, with the rule that refused them")
+        for sql in ["DROP TABLE customers",
+                    "DELETE FROM orders",
+                    "DELETE FROM orders WHERE 1 = 1",
+                    "WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone",
+                    "SELECT pg_read_file('/etc/passwd')"]:
+            if run_psql(alice, sql, "alice"):
+                failures.append(sql)
+        step("Changing a customer's balance needs an approval")
+        if run_psql(alice, "UPDATE customers SET balance = balance + 1000 WHERE id = 1", "alice"):
+            failures.append("balance update")
+        step("The connection survives a refusal: one psql session, the next statement works")
+        script = "DROP TABLE orders;\nSELECT count(*) AS orders_still_there FROM orders;\n"
+        print(f"{DIM}alice${RESET} psql <<'SQL'\n{script}SQL")
+        r = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=0", alice], input=script, capture_output=True, text=True)
+        print("\n".join(f"  {line}" for line in (r.stderr + r.stdout).rstrip().splitlines()))
+        if "orders_still_there" not in r.stdout or "ERROR" not in r.stderr:
+            failures.append("connection reuse")
+        step("Who tried to change a customer balance? (decision events, JSON lines)")
+        events = [json.loads(line) for line in proxy.events_path.read_text().splitlines() if line.strip()]
+        for e in events:
+            if e["kind"] != "decision":
+                continue
+            touches = any(a["name"] == "customers" and "balance" in a["columns"] and a["operation"] == "UPDATE"
+                          for s in e["statements"] for a in s["actions"])
+            if touches:
+                print(f"  {e['time']}  {e['identity']['user']:<8} {e['outcome']:<9} rule={e['rule'] or '-':<22} "
+                      f"{e['statement']}")
+        print(f"\n  {len(events)} events written to {proxy.events_path}")
+        if args.keep:
+            print(f"\n{BOLD}Left running.{RESET} Connect with:\n  psql \"{proxy.dsn('alice')}\"\n"
+                  f"Tokens: {', '.join(f'{u}={t}' for u, t in TOKENS.items())}\nStop with Ctrl-C.")
+            proxy.proc.wait()
+    finally:
+        if not args.keep or proxy.proc.poll() is not None:
+            proxy.stop()
+            stop_postgres(pg)
+            shutil.rmtree(base, ignore_errors=True)
+    if failures:
+        print(f"{RED}demo did not behave as expected: {failures}{RESET}")
+        return 1
+    print(f"\n{GREEN}demo finished: allowed, denied and approval-required statements behaved as the policy says.{RESET}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
