@@ -1,0 +1,6 @@
+"""SQL text -> StatementFacts, with PostgreSQL's own parser."""
+
+from dbguard.analyze.facts import AnalysisError, StatementFacts
+from dbguard.analyze.pgparse import analyze, cache_key
+
+__all__ = ["AnalysisError", "StatementFacts", "analyze", "cache_key"]

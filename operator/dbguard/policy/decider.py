@@ -1,0 +1,106 @@
+"""Decisions with a cache and a deadline.
+
+A decision depends on the policy revision, the identity, the statement facts and what of the
+session the policy can see, and on the clock only when the bundle has time windows. Evaluation
+runs in a worker thread bounded by the timeout: past it, or on any evaluation error, the
+statement is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from dbguard.analyze.facts import StatementFacts
+from dbguard.identity.principal import Principal
+from dbguard.policy.compile import CompiledBundle
+from dbguard.policy.decision import Decision, EnforcementAction, PolicyAction
+from dbguard.policy.engine import PolicyEngine, PolicyEvaluationError
+from dbguard.policy.input import SESSION_FIELDS, build_input
+
+CACHE_SIZE = 10_000
+
+
+def refusal_decision(rule: str, reason: str, revision: str) -> Decision:
+    return Decision(action=PolicyAction.DENY, enforced=PolicyAction.DENY, rule=rule, policy="",
+                    reason=reason, enforcement=EnforcementAction.DENY, revision=revision)
+
+
+class Decider:
+    def __init__(self, bundle: CompiledBundle, engine: PolicyEngine, *, timeout_s: float = 0.2,
+                 cache_size: int = CACHE_SIZE) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.timeout_s = timeout_s
+        self._cache: OrderedDict[tuple, Decision] = OrderedDict()
+        # Facts objects that the analyzer cache hands out again and again: their key, by identity.
+        self._facts_keys: dict[int, tuple[StatementFacts, bytes]] = {}
+        self._cache_size = cache_size
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbguard-policy")
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def revision(self) -> str:
+        return self.bundle.revision
+
+    def _facts_key(self, facts: StatementFacts) -> bytes:
+        known = self._facts_keys.get(id(facts))
+        if known is not None and known[0] is facts:
+            return known[1]
+        key = orjson.dumps(facts.to_dict(), option=orjson.OPT_SORT_KEYS)
+        if len(self._facts_keys) > 4 * self._cache_size:
+            self._facts_keys.clear()
+        self._facts_keys[id(facts)] = (facts, key)
+        return key
+
+    def _key(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
+             now: datetime.datetime) -> tuple:
+        minute = now.replace(second=0, microsecond=0) if self.bundle.uses_time else None
+        return (principal.user, principal.groups, tuple(session.get(k) for k in SESSION_FIELDS),
+                self._facts_key(facts), minute)
+
+    def decide_cached(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
+                      now: datetime.datetime) -> Decision | None:
+        found = self._cache.get(self._key(principal, session, facts, now))
+        if found is not None:
+            self.hits += 1
+        return found
+
+    def evaluate(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
+                 now: datetime.datetime) -> Decision:
+        """Synchronous evaluation (offline checks): no deadline, errors become refusals."""
+        try:
+            return self.engine.evaluate(build_input(principal, session, facts, now, self.bundle.timezones))
+        except PolicyEvaluationError as exc:
+            return refusal_decision("dbguard:policy-error", f"the policy could not be evaluated: {exc}", self.revision)
+
+    async def decide(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
+                     now: datetime.datetime) -> Decision:
+        key = self._key(principal, session, facts, now)
+        found = self._cache.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        doc = build_input(principal, session, facts, now, self.bundle.timezones)
+        loop = asyncio.get_running_loop()
+        try:
+            decision = await asyncio.wait_for(loop.run_in_executor(self._pool, self.engine.evaluate, doc),
+                                              self.timeout_s)
+        except TimeoutError:
+            return refusal_decision("dbguard:policy-timeout",
+                                    f"the policy was not evaluated within {self.timeout_s * 1000:.0f} ms",
+                                    self.revision)
+        except PolicyEvaluationError as exc:
+            return refusal_decision("dbguard:policy-error", f"the policy could not be evaluated: {exc}",
+                                    self.revision)
+        self._cache[key] = decision
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return decision
