@@ -120,6 +120,11 @@ class StatementFacts:
         }
 
 
+def is_utf8(encoding: str) -> bool:
+    """Whether an encoding name means UTF-8 as PostgreSQL reads it ('UTF8', 'utf-8', "'utf-8'", 'unicode')."""
+    return "".join(ch for ch in encoding.lower() if ch.isalnum()) in ("utf8", "unicode")
+
+
 class AnalysisError(Exception):
     """The statement cannot be judged: it does not parse, or dbguard does not understand it.
 

@@ -16,7 +16,7 @@ import pglast
 from pglast import ast, enums
 from pglast import parser as pgparser
 
-from dbguard.analyze.facts import Action, AnalysisError, Flag, Setting, StatementFacts, Where
+from dbguard.analyze.facts import Action, AnalysisError, Flag, Setting, StatementFacts, Where, is_utf8
 
 # Functions that read or write server files, run SQL text, reach other servers, or act on other
 # sessions and the server itself. Matched on the unqualified name.
@@ -90,7 +90,6 @@ _OBJECT_TYPES: dict[str, str] = {
 
 _DML = ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
 _TRUE_WORDS = frozenset({"on", "true", "1", "yes", "y", "t", "tr", "tru", "o"})
-_UTF8 = frozenset({"utf8", "utf-8", "unicode"})
 # Settings whose values change how the server reads SQL text compared with dbguard's parser.
 _READ_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding"})
 
@@ -446,7 +445,7 @@ def _judge_setting(name: str, value: str | None, is_value: bool, c: _Collector) 
         c.flags.add(Flag.ROLE_CHANGE)
     if name == "standard_conforming_strings" and is_value and (value or "").lower() not in _TRUE_WORDS:
         c.flags.add(Flag.UNSAFE_SETTING)
-    if name == "client_encoding" and is_value and (value or "").lower() not in _UTF8:
+    if name == "client_encoding" and is_value and not is_utf8(value or ""):
         c.flags.add(Flag.UNSAFE_SETTING)
 
 

@@ -39,12 +39,13 @@ class EventSink:
             return cls(sys.stdout.buffer)
         return cls(open(target, "ab"))  # noqa: SIM115 - owned by the sink, closed in close()
 
-    def emit(self, kind: EventKind, fields: dict[str, Any]) -> None:
+    def emit(self, kind: EventKind, fields: dict[str, Any], *, flush: bool = False) -> None:
+        """Queue one event; ``flush`` writes it out now (refusals: written before the client hears of them)."""
         event = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"), "kind": kind.value}
         event.update(fields)
         self._buf.append(orjson.dumps(event, default=str))
         self.emitted += 1
-        if len(self._buf) >= 512:
+        if flush or len(self._buf) >= 512:
             self.flush()
 
     def flush(self) -> None:

@@ -19,8 +19,6 @@ from dbguard.identity.principal import Principal
 from dbguard.policy.decision import Decision, PolicyAction
 from dbguard.sqlstate import SqlState
 
-# Parameters whose change would make the server read text differently from dbguard's parser.
-_UTF8_NAMES = frozenset({"utf8", "utf-8", "unicode"})
 MAX_CACHED = 20_000
 
 
@@ -102,7 +100,7 @@ def builtin_refusal(f: F.StatementFacts) -> Refusal | None:
                  "so that dbguard and the server read statements the same way",
         )
     for s in f.settings:
-        if s.name in ("client_encoding", "names") and (s.value is None or s.value.lower() not in _UTF8_NAMES):
+        if s.name in ("client_encoding", "names") and (s.value is None or not F.is_utf8(s.value)):
             if s.value is None and s.name == "client_encoding":
                 continue  # RESET client_encoding returns to the connection's UTF8
             return Refusal(

@@ -38,7 +38,6 @@ REFUSED_PREFIX = "dbguard.refused."
 FORWARDED_PARAMS = frozenset({"application_name", "client_encoding", "DateStyle", "TimeZone",
                               "extra_float_digits", "IntervalStyle", "datestyle", "timezone"})
 IGNORED_PARAMS = frozenset({"user", "database"})
-_UTF8 = frozenset({"utf8", "utf-8", "unicode"})
 
 
 class ClientSession(asyncio.Protocol):
@@ -109,7 +108,7 @@ class ClientSession(asyncio.Protocol):
         self.proxy.events.emit(EventKind.REFUSAL, {"session": self.session_id, "client_addr": self.client_addr,
                                                     "identity": self.principal.to_dict() if self.principal else None,
                                                     "rule": "dbguard:protocol", "sqlstate": sqlstate,
-                                                    "reason": message, "fatal": True})
+                                                    "reason": message, "fatal": True}, flush=True)
         self._send(m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL"))
         self._close()
 
@@ -232,7 +231,7 @@ class ClientSession(asyncio.Protocol):
         if unknown:
             return self._fatal("0A000", f"startup parameter(s) not allowed through dbguard: {', '.join(unknown)}")
         enc = params.get("client_encoding")
-        if enc is not None and enc.lower() not in _UTF8:
+        if enc is not None and not F.is_utf8(enc):
             return self._fatal("0A000", f"client_encoding must be UTF8 through dbguard (asked: {enc})")
         if self.settings.listen.require_tls and not self.tls:
             return self._fatal("28000", "this dbguard proxy requires TLS (sslmode=require)")
@@ -257,7 +256,7 @@ class ClientSession(asyncio.Protocol):
         requested = self.params.get("user", "")
         if principal is None or (requested and requested != principal.user):
             self.proxy.events.emit(EventKind.CONNECTION, {"session": self.session_id, "client_addr": self.client_addr,
-                                                         "user": requested, "authenticated": False})
+                                                         "user": requested, "authenticated": False}, flush=True)
             return self._fatal("28P01", f'token authentication failed for user "{requested}"')
         self.principal = principal
         return self._connect_upstream()
@@ -358,7 +357,7 @@ class ClientSession(asyncio.Protocol):
             name, _, rest = payload.partition(b"\x00")
             value = rest.split(b"\x00", 1)[0].decode("utf-8", "replace")
             if (name == b"standard_conforming_strings" and value != "on") or (
-                name == b"client_encoding" and value.lower() not in _UTF8
+                name == b"client_encoding" and not F.is_utf8(value)
             ):
                 log.error("session %s: server reports %s=%s; closing", self.session_id, name.decode(), value)
                 asyncio.get_running_loop().call_soon(
@@ -391,7 +390,7 @@ class ClientSession(asyncio.Protocol):
                                   "statement": statement[:4096]}
         if extra:
             fields.update(extra)
-        self.proxy.events.emit(EventKind.REFUSAL, fields)
+        self.proxy.events.emit(EventKind.REFUSAL, fields, flush=True)
 
     def _on_message(self, msg: object) -> None:
         if self._discard_until_sync and not isinstance(msg, m.Sync | m.Terminate):
@@ -520,7 +519,7 @@ class ClientSession(asyncio.Protocol):
             "rule": refusal.rule if refusal is not None else "",
             "sqlstate": str(refusal.sqlstate) if refusal is not None else "",
             "reason": refusal.message if refusal is not None else "",
-        })
+        }, flush=refusal is not None)
 
     # extended protocol
 
