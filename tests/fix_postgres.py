@@ -78,6 +78,10 @@ def start_postgres(base: pathlib.Path) -> Postgres:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
         shutil.chown(sockdir, "postgres", "postgres")
+        for parent in base.parents:  # the postgres user must be able to reach its directory
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
     subprocess.run(_as_postgres([str(bindir / "initdb"), "--no-sync", "-A", "trust", "-U", "postgres",
                                  "-E", "UTF8", "--locale=C", "-D", str(datadir)]),
                    check=True, capture_output=True)

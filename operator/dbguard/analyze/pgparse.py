@@ -153,12 +153,20 @@ def _statement_facts(stmt: ast.Node, text: str) -> StatementFacts:
     except Exception:  # noqa: BLE001 - a fingerprint is informative, never decisive
         fingerprint = ""
     cacheable = (kind in ("SelectStmt", *_DML) and not c.literal_sensitive and not c.settings
-                 and not c.flags & {Flag.SETTING_CHANGE, Flag.UNSAFE_SETTING, Flag.ROLE_CHANGE})
+                 and not c.flags & {Flag.SETTING_CHANGE, Flag.UNSAFE_SETTING, Flag.ROLE_CHANGE}) or _literal_free(text)
     return StatementFacts(
         text=text, kind=kind, command=command, actions=tuple(c.actions), functions=tuple(dict.fromkeys(c.functions)),
         settings=tuple(c.settings), flags=tuple(sorted(c.flags, key=lambda f: f.value)),
         prepared_name=prepared_name, fingerprint=fingerprint, cacheable=cacheable,
     )
+
+
+def _literal_free(text: str) -> bool:
+    """A statement without a single constant: its normalized text is itself, so any facts may be reused."""
+    try:
+        return bool(text) and pgparser.normalize(text) == text
+    except Exception:  # noqa: BLE001
+        return False
 
 
 # -- the walk -------------------------------------------------------------------------------------

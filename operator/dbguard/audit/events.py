@@ -24,6 +24,18 @@ class EventKind(str, enum.Enum):
         return self.value
 
 
+_second_cache: tuple[int, str] = (0, "")
+
+
+def iso_time(now: datetime.datetime) -> str:
+    """ISO 8601 UTC with microseconds; the seconds part is formatted once per second."""
+    global _second_cache
+    ts = int(now.timestamp())
+    if _second_cache[0] != ts:
+        _second_cache = (ts, now.replace(microsecond=0).isoformat()[:19])
+    return f"{_second_cache[1]}.{now.microsecond:06d}+00:00"
+
+
 class EventSink:
     """Writes events as JSON lines to a file or stdout."""
 
@@ -44,6 +56,18 @@ class EventSink:
         event = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"), "kind": kind.value}
         event.update(fields)
         self._buf.append(orjson.dumps(event, default=str))
+        self.emitted += 1
+        if flush or len(self._buf) >= 512:
+            self.flush()
+
+    def emit_fragments(self, kind: EventKind, now_iso: str, *fragments: bytes, flush: bool = False) -> None:
+        """Queue one event assembled from pre-serialized JSON members (``"key":value`` bytes).
+
+        The statement path uses this: the session's constant members and a statement shape's
+        facts and decisions are serialized once and reused.
+        """
+        self._buf.append(b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
+                         + b",".join(fragments) + b"}")
         self.emitted += 1
         if flush or len(self._buf) >= 512:
             self.flush()

@@ -183,6 +183,58 @@ class _Reader:
             raise self._fail(f"{len(self.data) - self.pos} unexpected trailing bytes")
 
 
+_SYNC = m.Sync(raw=b"S\x00\x00\x00\x04")
+_FLUSH = m.Flush(raw=b"H\x00\x00\x00\x04")
+
+
+def _name_at(raw: bytes, pos: int, t: str) -> tuple[str, int]:
+    end = raw.find(b"\x00", pos)
+    if end < 0:
+        raise RemoteProtocolError(f"malformed {t!r} message: unterminated string")
+    try:
+        return raw[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"malformed {t!r} message: name is not valid UTF-8") from exc
+
+
+def _decode_bind(raw: bytes) -> m.Bind:
+    """Bind, validated in one pass with direct unpacking: it is on every extended-protocol statement."""
+    portal, pos = _name_at(raw, 5, "B")
+    stmt, pos = _name_at(raw, pos, "B")
+    n = len(raw)
+    try:
+        (nf,) = _I16.unpack_from(raw, pos)
+        formats = struct.unpack_from(f"!{nf}h", raw, pos + 2) if nf > 0 else ()
+        pos += 2 + 2 * nf
+        (np_,) = _I16.unpack_from(raw, pos)
+        pos += 2
+        if nf < 0 or np_ < 0:
+            raise RemoteProtocolError("malformed 'B' message: negative count")
+        params: list[bytes | None] = []
+        for _ in range(np_):
+            (ln,) = _I32.unpack_from(raw, pos)
+            pos += 4
+            if ln == -1:
+                params.append(None)
+                continue
+            if ln < 0 or pos + ln > n:
+                raise RemoteProtocolError("malformed 'B' message: truncated")
+            params.append(raw[pos : pos + ln])
+            pos += ln
+        (nr,) = _I16.unpack_from(raw, pos)
+        rformats = struct.unpack_from(f"!{nr}h", raw, pos + 2) if nr > 0 else ()
+        pos += 2 + 2 * max(nr, 0)
+    except struct.error as exc:
+        raise RemoteProtocolError("malformed 'B' message: truncated") from exc
+    if nr < 0:
+        raise RemoteProtocolError("malformed 'B' message: negative result format count")
+    if pos != n:
+        raise RemoteProtocolError(f"malformed 'B' message: {n - pos} unexpected trailing bytes"
+                                  if pos < n else "malformed 'B' message: truncated")
+    return m.Bind(raw=raw, portal=portal, statement=stmt, param_formats=formats, params=tuple(params),
+                  result_formats=rformats)
+
+
 def _decode_typed(type_code: bytes, raw: bytes) -> m.FrontendMessage:
     t = type_code.decode("latin-1")
     if t == "Q":
@@ -192,6 +244,28 @@ def _decode_typed(type_code: bytes, raw: bytes) -> m.FrontendMessage:
         if b"\x00" in sql:
             raise RemoteProtocolError("malformed 'Q' message: NUL byte inside the query string")
         return m.Query(raw=raw, sql=sql)
+    if t == "B":
+        return _decode_bind(raw)
+    if t == "E":
+        portal, pos = _name_at(raw, 5, t)
+        if pos + 4 != len(raw):
+            raise RemoteProtocolError("malformed 'E' message: truncated" if pos + 4 > len(raw)
+                                      else f"malformed 'E' message: {len(raw) - pos - 4} unexpected trailing bytes")
+        return m.Execute(raw=raw, portal=portal, max_rows=_I32.unpack_from(raw, pos)[0])
+    if t == "S" or t == "H":
+        if len(raw) != 5:
+            raise RemoteProtocolError(f"malformed {t!r} message: {len(raw) - 5} unexpected trailing bytes")
+        return _SYNC if t == "S" else _FLUSH
+    if t == "D" or t == "C":
+        if len(raw) < 6:
+            raise RemoteProtocolError(f"malformed {t!r} message: truncated")
+        kind = chr(raw[5])
+        if kind not in ("S", "P"):
+            raise RemoteProtocolError(f"malformed {t!r} message: unknown target {kind!r}")
+        name, pos = _name_at(raw, 6, t)
+        if pos != len(raw):
+            raise RemoteProtocolError(f"malformed {t!r} message: {len(raw) - pos} unexpected trailing bytes")
+        return (m.Describe if t == "D" else m.Close)(raw=raw, kind=kind, name=name)
     r = _Reader(raw, t)
     if t == "P":
         name = r.cstring()
@@ -202,45 +276,6 @@ def _decode_typed(type_code: bytes, raw: bytes) -> m.FrontendMessage:
         types = tuple(r.int32() for _ in range(n))
         r.end()
         return m.Parse(raw=raw, name=name, sql=sql, param_types=types)
-    if t == "B":
-        portal = r.cstring()
-        stmt = r.cstring()
-        nf = r.int16()
-        if nf < 0:
-            raise r._fail("negative format count")
-        formats = tuple(r.int16() for _ in range(nf))
-        np_ = r.int16()
-        if np_ < 0:
-            raise r._fail("negative parameter count")
-        params: list[bytes | None] = []
-        for _ in range(np_):
-            ln = r.int32()
-            params.append(None if ln == -1 else r.take(ln))
-        nr = r.int16()
-        if nr < 0:
-            raise r._fail("negative result format count")
-        rformats = tuple(r.int16() for _ in range(nr))
-        r.end()
-        return m.Bind(raw=raw, portal=portal, statement=stmt, param_formats=formats, params=tuple(params),
-                      result_formats=rformats)
-    if t == "E":
-        portal = r.cstring()
-        max_rows = r.int32()
-        r.end()
-        return m.Execute(raw=raw, portal=portal, max_rows=max_rows)
-    if t in ("D", "C"):
-        kind = r.byte()
-        if kind not in ("S", "P"):
-            raise r._fail(f"unknown target {kind!r}")
-        name = r.cstring()
-        r.end()
-        return (m.Describe if t == "D" else m.Close)(raw=raw, kind=kind, name=name)
-    if t == "S":
-        r.end()
-        return m.Sync(raw=raw)
-    if t == "H":
-        r.end()
-        return m.Flush(raw=raw)
     if t == "X":
         r.end()
         return m.Terminate(raw=raw)

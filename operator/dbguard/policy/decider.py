@@ -40,7 +40,10 @@ class Decider:
         self._cache: OrderedDict[tuple, Decision] = OrderedDict()
         # Facts objects that the analyzer cache hands out again and again: their key, by identity.
         self._facts_keys: dict[int, tuple[StatementFacts, bytes]] = {}
+        # Session dicts are replaced, never mutated (Guard.update), so their key can be kept by identity too.
+        self._session_keys: dict[int, tuple[dict[str, Any], tuple]] = {}
         self._cache_size = cache_size
+        self._inflight: dict[tuple, asyncio.Future[Decision]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbguard-policy")
         self.hits = 0
         self.misses = 0
@@ -59,11 +62,20 @@ class Decider:
         self._facts_keys[id(facts)] = (facts, key)
         return key
 
+    def _session_key(self, session: dict[str, Any]) -> tuple:
+        known = self._session_keys.get(id(session))
+        if known is not None and known[0] is session:
+            return known[1]
+        key = tuple(session.get(k) for k in SESSION_FIELDS)
+        if len(self._session_keys) > 4 * self._cache_size:
+            self._session_keys.clear()
+        self._session_keys[id(session)] = (session, key)
+        return key
+
     def _key(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
              now: datetime.datetime) -> tuple:
         minute = now.replace(second=0, microsecond=0) if self.bundle.uses_time else None
-        return (principal.user, principal.groups, tuple(session.get(k) for k in SESSION_FIELDS),
-                self._facts_key(facts), minute)
+        return (principal.user, principal.groups, self._session_key(session), self._facts_key(facts), minute)
 
     def decide_cached(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
                       now: datetime.datetime) -> Decision | None:
@@ -88,6 +100,24 @@ class Decider:
             self.hits += 1
             return found
         self.misses += 1
+        # One evaluation per key at a time: a burst of clients sending the same new statement
+        # shares it instead of queueing behind each other past the deadline.
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            decision = await self._evaluate(principal, session, facts, now, key)
+            future.set_result(decision)
+            return decision
+        finally:
+            del self._inflight[key]
+            if not future.done():
+                future.cancel()
+
+    async def _evaluate(self, principal: Principal, session: dict[str, Any], facts: StatementFacts,
+                        now: datetime.datetime, key: tuple) -> Decision:
         doc = build_input(principal, session, facts, now, self.bundle.timezones)
         loop = asyncio.get_running_loop()
         try:

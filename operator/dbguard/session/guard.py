@@ -132,13 +132,22 @@ class Guard:
         self._decider = decider
         self._cache = cache
         self.principal = principal
-        self.session = session  # the policy input's "session" object; in_transaction/protocol kept current
+        self.session = session  # the policy input's "session" object; change it through update()
         self.sql_prepared: dict[str, tuple[F.StatementFacts, ...]] = {}
+
+    def update(self, **changes: Any) -> None:
+        """Keep the session fields the policy sees current (protocol, in_transaction)."""
+        for k, v in changes.items():
+            if self.session.get(k) != v:
+                self.session = {**self.session, **changes}  # a new dict: the decider keys on its identity
+                return
 
     # -- analysis ------------------------------------------------------------------------------
 
     def resolve(self, statements: tuple[F.StatementFacts, ...]) -> tuple[tuple[F.StatementFacts, ...], Refusal | None]:
         """Replace EXECUTE by the facts of the prepared body judged at PREPARE."""
+        if not any(F.Flag.EXECUTE in f.flags for f in statements):
+            return statements, None  # the same (cached) tuple: lets callers memoize by identity
         judged: list[F.StatementFacts] = []
         for f in statements:
             if F.Flag.EXECUTE in f.flags:

@@ -14,11 +14,13 @@ import datetime
 import logging
 import secrets
 import ssl
+
+import orjson
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from dbguard.analyze import facts as F
-from dbguard.audit.events import EventKind
+from dbguard.audit.events import EventKind, iso_time
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbguard.session")
 
 REFUSED_PREFIX = "dbguard.refused."
+_SHAPE_MEMO: dict[tuple, tuple] = {}  # (id(facts), id(decisions)...) -> (facts, decisions, JSON members)
 # Startup parameters forwarded to the server. Anything else is refused: `options` could carry
 # `-c standard_conforming_strings=off`, `replication` opens a replication connection.
 FORWARDED_PARAMS = frozenset({"application_name", "client_encoding", "DateStyle", "TimeZone",
@@ -70,6 +73,7 @@ class ClientSession(asyncio.Protocol):
         self._rfq_seen = 0
         self._login_timer: asyncio.TimerHandle | None = None
         self._client_paused = False
+        self._event_prefix = b""
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -289,6 +293,9 @@ class ClientSession(asyncio.Protocol):
                                     "client_addr": self.client_addr.rsplit(":", 1)[0], "protocol": "simple",
                                     "in_transaction": False})
         self.key = self.proxy.register_cancel(self, conn.process_id, conn.secret_key)
+        self._event_prefix = orjson.dumps({
+            "session": self.session_id, "identity": self.principal.to_dict(),
+            "database": self.settings.upstream.database, "client_addr": self.client_addr})[1:-1]
         out = [m.encode_auth_request(0)]
         out += [m.encode_parameter_status(k, v) for k, v in conn.parameters.items()]
         out.append(m.encode_backend_key_data(*self.key))
@@ -338,7 +345,7 @@ class ClientSession(asyncio.Protocol):
             status = chr(payload[0]) if payload else "I"
             self._rfq_seen += 1
             if self.guard is not None:
-                self.guard.session["in_transaction"] = status != "I"
+                self.guard.update(in_transaction=status != "I")
             if status == "I":
                 self._portals.clear()  # portals do not outlive their transaction
             if self._markers:
@@ -395,53 +402,54 @@ class ClientSession(asyncio.Protocol):
     def _on_message(self, msg: object) -> None:
         if self._discard_until_sync and not isinstance(msg, m.Sync | m.Terminate):
             return None  # PostgreSQL does the same after an error in an extended-protocol batch
-        if isinstance(msg, m.Query):
-            return self._on_query(msg)
-        if isinstance(msg, m.Parse):
-            return self._on_parse(msg)
-        if isinstance(msg, m.Bind):
-            return self._on_bind(msg)
-        if isinstance(msg, m.Execute):
-            self._in_batch = True
-            if msg.portal not in self._portals:
-                return self._refuse_protocol(SqlState.INVALID_CURSOR_NAME,
-                                             f"dbguard refused Execute: portal {msg.portal!r} was not bound through dbguard")
-            self._out += msg.raw
-            return None
-        if isinstance(msg, m.Sync):
-            self._discard_until_sync = False
-            self._in_batch = False
-            self._syncs_sent += 1
-            self._out += msg.raw
-            return None
-        if isinstance(msg, m.Describe):
-            self._in_batch = True
-            known = self._statements if msg.kind == "S" else self._portals
-            if msg.name not in known:
-                state = SqlState.INVALID_SQL_STATEMENT_NAME if msg.kind == "S" else SqlState.INVALID_CURSOR_NAME
-                what = "prepared statement" if msg.kind == "S" else "portal"
-                return self._refuse_protocol(state, f"dbguard refused Describe: {what} {msg.name!r} is unknown to dbguard")
-            self._out += msg.raw
-            return None
-        if isinstance(msg, m.Close):
-            self._in_batch = True
-            (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
-            self._out += msg.raw
-            return None
-        if isinstance(msg, m.Flush | m.CopyData | m.CopyDone | m.CopyFail):
-            self._out += msg.raw
-            return None
-        if isinstance(msg, m.Terminate):
-            self._out += msg.raw
-            self._flush()
-            return self._close()
-        if isinstance(msg, m.FunctionCall):
-            return self._refuse_protocol(SqlState.FEATURE_NOT_SUPPORTED,
-                                         "dbguard refused a FunctionCall message: the fast-path function "
-                                         "interface bypasses SQL; call the function with SELECT")
-        name = getattr(msg, "type_code", type(msg).__name__)
-        return self._refuse_protocol(SqlState.PROTOCOL_VIOLATION,
-                                     f"dbguard refused an unknown or unexpected message type {name!r}")
+        handler = _DISPATCH.get(type(msg))
+        if handler is None:
+            name = getattr(msg, "type_code", type(msg).__name__)
+            return self._refuse_protocol(SqlState.PROTOCOL_VIOLATION,
+                                         f"dbguard refused an unknown or unexpected message type {name!r}")
+        return handler(self, msg)
+
+    def _on_execute(self, msg: m.Execute) -> None:
+        self._in_batch = True
+        if msg.portal not in self._portals:
+            return self._refuse_protocol(SqlState.INVALID_CURSOR_NAME,
+                                         f"dbguard refused Execute: portal {msg.portal!r} was not bound through dbguard")
+        self._out += msg.raw
+        return None
+
+    def _on_sync(self, msg: m.Sync) -> None:
+        self._discard_until_sync = False
+        self._in_batch = False
+        self._syncs_sent += 1
+        self._out += msg.raw
+
+    def _on_describe(self, msg: m.Describe) -> None:
+        self._in_batch = True
+        known = self._statements if msg.kind == "S" else self._portals
+        if msg.name not in known:
+            state = SqlState.INVALID_SQL_STATEMENT_NAME if msg.kind == "S" else SqlState.INVALID_CURSOR_NAME
+            what = "prepared statement" if msg.kind == "S" else "portal"
+            return self._refuse_protocol(state, f"dbguard refused Describe: {what} {msg.name!r} is unknown to dbguard")
+        self._out += msg.raw
+        return None
+
+    def _on_close(self, msg: m.Close) -> None:
+        self._in_batch = True
+        (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        self._out += msg.raw
+
+    def _on_passthrough(self, msg: m.FrontendMessage) -> None:
+        self._out += msg.raw
+
+    def _on_terminate(self, msg: m.Terminate) -> None:
+        self._out += msg.raw
+        self._flush()
+        self._close()
+
+    def _on_function_call(self, msg: m.FunctionCall) -> None:
+        self._refuse_protocol(SqlState.FEATURE_NOT_SUPPORTED,
+                              "dbguard refused a FunctionCall message: the fast-path function "
+                              "interface bypasses SQL; call the function with SELECT")
 
     def _refuse_protocol(self, sqlstate: SqlState, message: str) -> None:
         refusal = Refusal(sqlstate=sqlstate, message=message, rule="dbguard:protocol")
@@ -458,7 +466,7 @@ class ClientSession(asyncio.Protocol):
 
     def _on_query(self, msg: m.Query) -> None:
         assert self.guard is not None
-        self.guard.session["protocol"] = "simple"
+        self.guard.update(protocol="simple")
         sql = self._decode(msg.sql)
         if sql is None:
             return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
@@ -476,17 +484,17 @@ class ClientSession(asyncio.Protocol):
         verdict = self.guard.judge_fast(statements, now)
         if verdict is None:
             return self._run_async(self._query_slow(msg, statements, normalized, now))
-        return self._apply_query(msg, verdict, normalized)
+        return self._apply_query(msg, verdict, normalized, now)
 
     async def _query_slow(self, msg: m.Query, statements: tuple[F.StatementFacts, ...], normalized: str,
                           now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        self._apply_query(msg, verdict, normalized)
+        self._apply_query(msg, verdict, normalized, now)
         self._flush()
 
-    def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str) -> None:
-        self._emit_decision(verdict, normalized, "simple")
+    def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str, now: datetime.datetime) -> None:
+        self._emit_decision(verdict, normalized, "simple", now)
         if verdict.refusal is not None:
             return self._refuse(verdict.refusal, sync=True)
         self._send_warnings(verdict)
@@ -504,22 +512,32 @@ class ClientSession(asyncio.Protocol):
         for text in verdict.warnings:
             self._send(m.encode_error(sqlstate="01000", message=text, severity="WARNING", notice=True))
 
-    def _emit_decision(self, verdict: Verdict, statement: str, protocol: str) -> None:
-        assert self.principal is not None
+    def _emit_decision(self, verdict: Verdict, statement: str, protocol: str, now: datetime.datetime) -> None:
         refusal = verdict.refusal
-        self.proxy.events.emit(EventKind.DECISION, {
-            "session": self.session_id, "identity": self.principal.to_dict(),
-            "database": self.settings.upstream.database, "client_addr": self.client_addr, "protocol": protocol,
-            "statement": statement[:4096],
-            "statements": [{"command": f.command, "fingerprint": f.fingerprint,
-                            "actions": [a.to_dict() for a in f.actions], "flags": [x.value for x in f.flags]}
-                           for f in verdict.judged],
-            "decisions": [d.to_dict() for d in verdict.decisions],
-            "outcome": "refused" if refusal is not None else "forwarded",
-            "rule": refusal.rule if refusal is not None else "",
-            "sqlstate": str(refusal.sqlstate) if refusal is not None else "",
-            "reason": refusal.message if refusal is not None else "",
-        }, flush=refusal is not None)
+        # The facts and decisions of a statement shape repeat: serialize them once per shape.
+        key = (id(verdict.judged), *map(id, verdict.decisions))
+        memo = _SHAPE_MEMO.get(key)
+        if memo is None or memo[0] is not verdict.judged or refusal is not None:
+            shape = orjson.dumps({
+                "statements": [{"command": f.command, "fingerprint": f.fingerprint,
+                                "actions": [a.to_dict() for a in f.actions], "flags": [x.value for x in f.flags]}
+                               for f in verdict.judged],
+                "decisions": [d.to_dict() for d in verdict.decisions],
+                "outcome": "refused" if refusal is not None else "forwarded",
+                "rule": refusal.rule if refusal is not None else "",
+                "sqlstate": str(refusal.sqlstate) if refusal is not None else "",
+                "reason": refusal.message if refusal is not None else "",
+            })[1:-1]
+            if refusal is None:
+                if len(_SHAPE_MEMO) > 10_000:
+                    _SHAPE_MEMO.clear()
+                _SHAPE_MEMO[key] = (verdict.judged, verdict.decisions, shape)
+        else:
+            shape = memo[2]
+        self.proxy.events.emit_fragments(
+            EventKind.DECISION, iso_time(now), self._event_prefix,
+            b'"protocol":"' + protocol.encode() + b'","statement":' + orjson.dumps(statement[:4096]), shape,
+            flush=refusal is not None)
 
     # extended protocol
 
@@ -550,7 +568,7 @@ class ClientSession(asyncio.Protocol):
             return self._refuse_protocol(SqlState.INVALID_SQL_STATEMENT_NAME,
                                          f"dbguard refused Bind: prepared statement {msg.statement!r} was not "
                                          "parsed through dbguard")
-        self.guard.session["protocol"] = "extended"
+        self.guard.update(protocol="extended")
         if not statements:
             self._portals[msg.portal] = statements
             self._out += msg.raw
@@ -559,16 +577,18 @@ class ClientSession(asyncio.Protocol):
         verdict = self.guard.judge_fast(statements, now)
         if verdict is None:
             return self._run_async(self._bind_slow(msg, statements, now))
-        return self._apply_bind(msg, verdict)
+        return self._apply_bind(msg, verdict, now)
 
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        self._apply_bind(msg, verdict)
+        self._apply_bind(msg, verdict, now)
         self._flush()
 
-    def _apply_bind(self, msg: m.Bind, verdict: Verdict) -> None:
-        self._emit_decision(verdict, " ; ".join(f.text for f in verdict.statements), "extended")
+    def _apply_bind(self, msg: m.Bind, verdict: Verdict, now: datetime.datetime) -> None:
+        texts = verdict.statements
+        self._emit_decision(verdict, texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts),
+                            "extended", now)
         if verdict.refusal is not None:
             self._portals.pop(msg.portal, None)
             return self._refuse(verdict.refusal, sync=False)
@@ -578,3 +598,20 @@ class ClientSession(asyncio.Protocol):
         self._portals[msg.portal] = verdict.statements
         self._out += msg.raw
         return None
+
+
+_DISPATCH = {
+    m.Query: ClientSession._on_query,
+    m.Parse: ClientSession._on_parse,
+    m.Bind: ClientSession._on_bind,
+    m.Execute: ClientSession._on_execute,
+    m.Sync: ClientSession._on_sync,
+    m.Describe: ClientSession._on_describe,
+    m.Close: ClientSession._on_close,
+    m.Flush: ClientSession._on_passthrough,
+    m.CopyData: ClientSession._on_passthrough,
+    m.CopyDone: ClientSession._on_passthrough,
+    m.CopyFail: ClientSession._on_passthrough,
+    m.Terminate: ClientSession._on_terminate,
+    m.FunctionCall: ClientSession._on_function_call,
+}
