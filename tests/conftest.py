@@ -1,6 +1,6 @@
 import pytest
 
-pytest_plugins = ("tests.fix_postgres", "tests.fix_proxy")
+pytest_plugins = ("tests.fix_postgres", "tests.fix_proxy", "tests.fix_opa")
 
 
 @pytest.hookimpl(hookwrapper=True)

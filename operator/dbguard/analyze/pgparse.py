@@ -251,8 +251,9 @@ def _attribute_columns(stmt: Any, c: _Collector, nested: bool) -> None:
     if not tables:
         return
     cols: dict[tuple[str, str], list[str]] = {}
+    joins = [item.quals for item in stmt.fromClause or () if isinstance(item, ast.JoinExpr)]
     for ref in _column_refs(stmt.targetList, stmt.whereClause, stmt.groupClause, stmt.havingClause,
-                            stmt.sortClause):
+                            stmt.sortClause, joins):
         fields = ref.fields
         if isinstance(fields[-1], ast.A_Star):
             col = "*"
@@ -270,7 +271,7 @@ def _attribute_columns(stmt: Any, c: _Collector, nested: bool) -> None:
     for (schema, name), columns in cols.items():
         plain = Action(operation="SELECT", schema=schema, name=name, nested=nested)
         if plain in c.actions:
-            c.actions[c.actions.index(plain)] = dataclasses.replace(plain, columns=tuple(dict.fromkeys(columns)))
+            c.actions[c.actions.index(plain)] = dataclasses.replace(plain, columns=tuple(sorted(set(columns))))
 
 
 def _rangevars_in_from(item: Any) -> Iterator[Any]:
@@ -485,7 +486,7 @@ def _visit_funccall(fc: Any, c: _Collector) -> None:
     full = ".".join(parts)
     base = parts[-1] if parts else ""
     c.functions.append(full)
-    if base in DANGEROUS_FUNCTIONS:
+    if base in DANGEROUS_FUNCTIONS or base.startswith("dblink"):  # dblink, dblink_exec, dblink_connect ...
         c.flags.add(Flag.DANGEROUS_FUNCTION)
     if base in FILE_FUNCTIONS:
         c.flags.add(Flag.SERVER_FILE_ACCESS)

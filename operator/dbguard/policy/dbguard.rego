@@ -134,45 +134,61 @@ rule_matches(m) if {
 }
 
 # -- per policy -------------------------------------------------------------------------------------
+# Written with partial objects and lookup tables rather than functions with `else`: rego-cpp 1.5.2
+# (regopy) mixed up results of such functions across policies; the differential test against OPA
+# caught it, and this form gives identical answers in both engines.
 
-enforced(action, enforcement) := action if enforcement == "deny"
-
-enforced(_, enforcement) := "allow" if enforcement != "deny"
-
-outcome(p, rule, action, reason, approval) := {
-	"policy": p.name,
-	"rule": rule,
-	"action": action,
-	"enforced": enforced(action, p.enforcement),
-	"reason": reason,
-	"enforcement": p.enforcement,
-	"approval": approval,
+enforce := {
+	"deny": {"allow": "allow", "deny": "deny", "require-approval": "require-approval"},
+	"dryrun": {"allow": "allow", "deny": "allow", "require-approval": "allow"},
+	"warn": {"allow": "allow", "deny": "allow", "require-approval": "allow"},
 }
 
-custom_results(p, kind) := sort([{"rule": d.rule, "reason": d.reason} | some d in data.dbguard_custom[p.key][kind]])
+custom_found[key] := found if {
+	some p in data.dbguard.policies
+	key := p.key
+	found := {
+		"deny": sort([{"rule": d.rule, "reason": d.reason} | some d in data.dbguard_custom[key].deny]),
+		"require_approval": sort([{"rule": d.rule, "reason": d.reason} | some d in data.dbguard_custom[key].require_approval]),
+	}
+}
 
-rules_outcome(p) := outcome(p, r.name, r.action, r.reason, r.approval) if {
-	idx := [i |
+rule_hits[key] := hits if {
+	some p in data.dbguard.policies
+	key := p.key
+	hits := sort([i |
 		r := p.rules[i]
 		rule_matches(r.match)
-	]
-	count(idx) > 0
-	r := p.rules[min(idx)]
-} else := outcome(p, "", p.defaultAction, sprintf("no rule of policy %s matched: default %s", [p.name, p.defaultAction]), null)
+	])
+}
 
-policy_outcome(p) := outcome(p, d.rule, "deny", d.reason, null) if {
-	ds := custom_results(p, "deny")
-	count(ds) > 0
-	d := ds[0]
-} else := outcome(p, d.rule, "require-approval", d.reason, null) if {
-	ds := custom_results(p, "require_approval")
-	count(ds) > 0
-	d := ds[0]
-} else := rules_outcome(p)
+policy_outcomes[key] := o if {
+	some p in data.dbguard.policies
+	key := p.key
+	found := custom_found[key]
+	denies := [{"rule": d.rule, "action": "deny", "reason": d.reason, "approval": null} | some d in found.deny]
+	approvals := [{"rule": d.rule, "action": "require-approval", "reason": d.reason, "approval": null} |
+		some d in found.require_approval
+	]
+	matched := [{"rule": r.name, "action": r.action, "reason": r.reason, "approval": r.approval} |
+		some j in rule_hits[key]
+		r := p.rules[j]
+	]
+	fallback := [{
+		"rule": "", "action": p.defaultAction, "approval": null,
+		"reason": sprintf("no rule of policy %s matched: default %s", [p.name, p.defaultAction]),
+	}]
+	first := array.concat(array.concat(denies, approvals), array.concat(matched, fallback))[0]
+	o := object.union(first, {
+		"policy": p.name,
+		"enforcement": p.enforcement,
+		"enforced": enforce[p.enforcement][first.action],
+	})
+}
 
 # -- the decision -------------------------------------------------------------------------------------
 
-outcomes := [policy_outcome(p) | some p in data.dbguard.policies]
+outcomes := [policy_outcomes[p.key] | some p in data.dbguard.policies]
 
 scores := [s |
 	some o in outcomes

@@ -396,8 +396,8 @@ def load_text(text: str, source: str) -> list[Policy]:
                 if k.value == "spec" and isinstance(v, yaml.MappingNode):
                     for sk, sv in v.value:
                         if sk.value == "rego":
-                            # A block scalar's text starts on the line after the key.
-                            doc["spec"].key_lines = {"rego": sv.start_mark.line + (1 if sv.style in "|>" else 0)}
+                            # 1-based line of the module's first line: a block scalar starts after its indicator.
+                            doc["spec"].key_lines = {"rego": sv.start_mark.line + (2 if sv.style in ("|", ">") else 1)}
         policies.append(parse_policy(doc, source))
     return policies
 

@@ -14,10 +14,10 @@ import datetime
 import logging
 import secrets
 import ssl
-
-import orjson
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from dbguard.analyze import facts as F
 from dbguard.audit.events import EventKind, iso_time
@@ -88,6 +88,8 @@ class ClientSession(asyncio.Protocol):
         self._teardown()
 
     def data_received(self, data: bytes) -> None:
+        if self.state in ("closed", "gone"):
+            return  # lingering after a FATAL: discard
         self.parser.receive_data(data)
         if not self._busy:
             self._process()
@@ -114,12 +116,27 @@ class ClientSession(asyncio.Protocol):
                                                     "rule": "dbguard:protocol", "sqlstate": sqlstate,
                                                     "reason": message, "fatal": True}, flush=True)
         self._send(m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL"))
-        self._close()
+        self._close(linger=True)
 
-    def _close(self) -> None:
+    def _close(self, *, linger: bool = False) -> None:
+        """Close the client connection; with ``linger``, half-close first so a FATAL just sent is read.
+
+        Closing a socket that still holds unread client bytes makes the kernel send RST, and the
+        client may lose the error that explains why; so the write side is shut and input is
+        discarded until the client hangs up (or two seconds pass).
+        """
         self.state = "closed"
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if linger and transport.can_write_eof():
+                try:
+                    transport.write_eof()
+                except (OSError, RuntimeError):
+                    transport.close()
+                else:
+                    asyncio.get_running_loop().call_later(2.0, transport.close)
+            else:
+                transport.close()
         self._teardown()
 
     def _teardown(self) -> None:
