@@ -21,6 +21,7 @@ class SqlState(str, enum.Enum):
     CANNOT_CONNECT_NOW = "57P03"  # draining
     INVALID_SQL_STATEMENT_NAME = "26000"  # unknown prepared statement
     INVALID_CURSOR_NAME = "34000"  # unknown portal
+    DUPLICATE_PREPARED_STATEMENT = "42P05"
     IN_FAILED_TRANSACTION = "25P02"
     INTERNAL_ERROR = "XX000"
 

@@ -291,3 +291,21 @@ def test_tls_toward_the_client_and_require_tls(pg: Postgres, tmp_path, tls_files
             ctx.wrap_socket(s).do_handshake()
     finally:
         proxy.stop()
+
+
+def test_reparsing_an_existing_statement_name_cannot_swap_the_judged_text(proxy: Proxy, pg: Postgres):
+    """Parse s1 (allowed), then Parse s1 again with other text: the server keeps the first text, so
+    dbguard must not judge a later Bind on the second."""
+    raw = Raw(proxy.port)
+    raw.login()
+    parse = (lambda name, sql: b"P" + struct.pack("!i", 4 + len(name) + 1 + len(sql) + 1 + 2)
+             + name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+    raw.send(parse("s1", "UPDATE orders SET status = 'x' WHERE id = 1") + m.encode_sync())
+    assert [t for t, _ in raw.until_ready()] == ["1", "Z"]
+    raw.send(parse("s1", "SELECT 1") + m.encode_sync())
+    replies = raw.until_ready()
+    assert m.decode_error_fields(dict(replies)["E"])["C"] == "42P05"
+    raw.send(m.encode_query("DEALLOCATE s1"))
+    raw.until_ready()
+    raw.send(parse("s1", "SELECT 1") + m.encode_sync())  # after DEALLOCATE the name is free again
+    assert [t for t, _ in raw.until_ready()] == ["1", "Z"]

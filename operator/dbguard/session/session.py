@@ -515,11 +515,23 @@ class ClientSession(asyncio.Protocol):
         if verdict.refusal is not None:
             return self._refuse(verdict.refusal, sync=True)
         self._send_warnings(verdict)
-        assert self.guard is not None
-        self.guard.remember(verdict.statements)
+        self._remember(verdict.statements)
         self._syncs_sent += 1
         self._out += msg.raw
         return None
+
+    def _remember(self, statements: tuple[F.StatementFacts, ...]) -> None:
+        """Track what forwarded statements do to prepared statements, at SQL and protocol level."""
+        assert self.guard is not None
+        self.guard.remember(statements)
+        for f in statements:
+            if f.kind == "DeallocateStmt":
+                if f.prepared_name:
+                    self._statements.pop(f.prepared_name, None)
+                else:
+                    self._statements = {k: v for k, v in self._statements.items() if k == ""}
+            elif f.kind == "DiscardStmt":
+                self._statements = {k: v for k, v in self._statements.items() if k == ""}
 
     def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
         self._emit_refusal(refusal, statement)
@@ -563,6 +575,12 @@ class ClientSession(asyncio.Protocol):
         if msg.name.startswith("dbguard."):
             return self._refuse_protocol(SqlState.INVALID_SQL_STATEMENT_NAME,
                                          "dbguard refused Parse: statement names starting with 'dbguard.' are reserved")
+        assert self.guard is not None
+        if msg.name and (msg.name in self._statements or msg.name in self.guard.sql_prepared):
+            # The server would keep the existing statement and fail this Parse; if we recorded the
+            # new text, a later Bind would be judged on text the server never runs.
+            return self._refuse_protocol(SqlState.DUPLICATE_PREPARED_STATEMENT,
+                                         f"dbguard refused Parse: prepared statement {msg.name!r} already exists")
         sql = self._decode(msg.sql)
         if sql is None:
             return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
@@ -610,8 +628,7 @@ class ClientSession(asyncio.Protocol):
             self._portals.pop(msg.portal, None)
             return self._refuse(verdict.refusal, sync=False)
         self._send_warnings(verdict)
-        assert self.guard is not None
-        self.guard.remember(verdict.statements)
+        self._remember(verdict.statements)
         self._portals[msg.portal] = verdict.statements
         self._out += msg.raw
         return None
