@@ -19,8 +19,13 @@ from dbguard.pgwire import messages as m
 class Raw:
     """A minimal raw frontend, to send exactly the bytes a test needs."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int | None = None, *, unix_path: str = "") -> None:
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(unix_path)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
