@@ -11,6 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg import errors as pg_errors
+
 from tests.fix_postgres import Postgres
 from tests.fix_proxy import Proxy
 

@@ -9,12 +9,7 @@ import pytest
 from dbguard.pgwire import messages as m
 from tests.fix_postgres import Postgres
 from tests.fix_proxy import Proxy
-from tests.session.test_wire import Raw
-
-
-def parse(name: str, sql: str) -> bytes:
-    body = name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0)
-    return b"P" + struct.pack("!i", 4 + len(body)) + body
+from tests.session.test_wire import Raw, parse
 
 
 def execute(portal: str = "", max_rows: int = 0) -> bytes:

@@ -10,10 +10,10 @@ import warnings
 
 import psycopg
 import pytest
-from tests.fix_postgres import MD5_PASSWORD, Postgres
-from tests.fix_proxy import Proxy, start_proxy
 
 from dbguard.pgwire import messages as m
+from tests.fix_postgres import MD5_PASSWORD, Postgres
+from tests.fix_proxy import Proxy, start_proxy
 
 
 class Raw:
@@ -69,6 +69,12 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def parse(name: str, sql: str) -> bytes:
+    """A Parse message without parameter types."""
+    body = name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0)
+    return b"P" + struct.pack("!i", 4 + len(body)) + body
 
 
 def fatal_of(raw: Raw) -> dict[str, str]:
@@ -303,8 +309,6 @@ def test_reparsing_an_existing_statement_name_cannot_swap_the_judged_text(proxy:
     dbguard must not judge a later Bind on the second."""
     raw = Raw(proxy.port)
     raw.login()
-    parse = (lambda name, sql: b"P" + struct.pack("!i", 4 + len(name) + 1 + len(sql) + 1 + 2)
-             + name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
     raw.send(parse("s1", "UPDATE orders SET status = 'x' WHERE id = 1") + m.encode_sync())
     assert [t for t, _ in raw.until_ready()] == ["1", "Z"]
     raw.send(parse("s1", "SELECT 1") + m.encode_sync())
