@@ -318,3 +318,14 @@ def test_reparsing_an_existing_statement_name_cannot_swap_the_judged_text(proxy:
     raw.until_ready()
     raw.send(parse("s1", "SELECT 1") + m.encode_sync())  # after DEALLOCATE the name is free again
     assert [t for t, _ in raw.until_ready()] == ["1", "Z"]
+
+
+def test_invalid_utf8_is_refused_and_the_connection_survives(proxy: Proxy):
+    raw = Raw(proxy.port)
+    raw.login()
+    raw.send(b"Q" + struct.pack("!i", 4 + 12) + b"SELECT '\xff'\x00")
+    replies = raw.until_ready()
+    fields = m.decode_error_fields(dict(replies)["E"])
+    assert fields["C"] == "08P01" and "not valid UTF-8" in fields["M"]
+    raw.send(m.encode_query("SELECT 1"))
+    assert [t for t, _ in raw.until_ready()] == ["T", "D", "C", "Z"]

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbguard.session")
 
 REFUSED_PREFIX = "dbguard.refused."
+_NOT_UTF8 = Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
+                    message="dbguard refused the statement: it is not valid UTF-8")
 _SHAPE_MEMO: dict[tuple, tuple] = {}  # (id(facts), id(decisions)...) -> (facts, decisions, JSON members)
 # Startup parameters forwarded to the server. Anything else is refused: `options` could carry
 # `-c standard_conforming_strings=off`, `replication` opens a replication connection.
@@ -486,8 +488,7 @@ class ClientSession(asyncio.Protocol):
         self.guard.update(protocol="simple")
         sql = self._decode(msg.sql)
         if sql is None:
-            return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
-                                                message="dbguard refused the statement: it is not valid UTF-8"),
+            return self._refuse_and_log(_NOT_UTF8,
                                         "", sync=True)
         try:
             statements, normalized = self.proxy.facts_cache.literal_independent(sql)
@@ -583,8 +584,7 @@ class ClientSession(asyncio.Protocol):
                                          f"dbguard refused Parse: prepared statement {msg.name!r} already exists")
         sql = self._decode(msg.sql)
         if sql is None:
-            return self._refuse_and_log(Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
-                                                message="dbguard refused the statement: it is not valid UTF-8"),
+            return self._refuse_and_log(_NOT_UTF8,
                                         "", sync=False)
         try:
             statements = self.proxy.facts_cache.exact(sql)
