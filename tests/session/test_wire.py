@@ -323,7 +323,8 @@ def test_reparsing_an_existing_statement_name_cannot_swap_the_judged_text(proxy:
 def test_invalid_utf8_is_refused_and_the_connection_survives(proxy: Proxy):
     raw = Raw(proxy.port)
     raw.login()
-    raw.send(b"Q" + struct.pack("!i", 4 + 12) + b"SELECT '\xff'\x00")
+    body = b"SELECT '\xff'\x00"
+    raw.send(b"Q" + struct.pack("!i", 4 + len(body)) + body)
     replies = raw.until_ready()
     fields = m.decode_error_fields(dict(replies)["E"])
     assert fields["C"] == "08P01" and "not valid UTF-8" in fields["M"]
