@@ -24,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(p_check)
     p_check.set_defaults(func=check.run)
 
+    from dbguard.audit import cli as audit_cli
+
+    p_audit = sub.add_parser("audit", help="verify and search the tamper-evident audit ledger",
+                             description="Verify the ledger's hash chain and signed checkpoints, or answer "
+                             "who/what/when questions from its indexes.")
+    audit_cli.add_arguments(p_audit)
+    p_audit.set_defaults(func=audit_cli.run)
+
     try:
         from dbguard.session import cli as proxy_cli
     except ImportError:  # pragma: no cover - while the proxy package is being built

@@ -79,6 +79,14 @@ class IdentitySettings:
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
+class LedgerSettings:
+    path: str = ""  # SQLite file; "" = no ledger (decision events still go to --events)
+    chain: str = ""  # this proxy's chain name; "" = HOST:PORT
+    signing_key: str = ""  # Ed25519 private key (PEM) for signed checkpoints; "" = unsigned
+    synchronous: str = "NORMAL"  # NORMAL: survives a killed process; FULL: also power loss
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
 class ProxySettings:
     listen: ListenSettings = dataclasses.field(default_factory=ListenSettings)
     upstream: UpstreamSettings = dataclasses.field(default_factory=UpstreamSettings)
@@ -88,3 +96,4 @@ class ProxySettings:
     engine: str = "embedded"  # embedded | opa
     opa_url: str = ""
     events: str = "-"  # JSON-lines decision events: "-" for stdout or a file path
+    ledger: LedgerSettings = dataclasses.field(default_factory=LedgerSettings)

@@ -23,6 +23,7 @@ class SqlState(str, enum.Enum):
     INVALID_CURSOR_NAME = "34000"  # unknown portal
     DUPLICATE_PREPARED_STATEMENT = "42P05"
     IN_FAILED_TRANSACTION = "25P02"
+    IO_ERROR = "58030"  # the audit ledger cannot record
     INTERNAL_ERROR = "XX000"
 
     def __str__(self) -> str:

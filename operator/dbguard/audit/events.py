@@ -6,6 +6,7 @@ short timer (and at shutdown) so emitting costs a few microseconds on the statem
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import enum
 import sys
@@ -39,46 +40,57 @@ def iso_time(now: datetime.datetime) -> str:
 class EventSink:
     """Writes events as JSON lines to a file or stdout."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], ledger: Any = None) -> None:
         self._stream = stream
+        self.ledger = ledger  # an append-only ledger sink (audit.sqlite_sink.SqliteLedger) or None
         self._buf: list[bytes] = []
         self.emitted = 0
 
     @classmethod
-    def open(cls, target: str) -> EventSink:
-        """``-`` for stdout, otherwise a file path appended to."""
+    def open(cls, target: str, ledger: Any = None) -> EventSink:
+        """``-`` for stdout, ``none`` for no JSON lines, otherwise a file path appended to."""
         if target == "-":
-            return cls(sys.stdout.buffer)
-        return cls(open(target, "ab"))  # noqa: SIM115 - owned by the sink, closed in close()
+            return cls(sys.stdout.buffer, ledger)
+        if target == "none":
+            return cls(None, ledger)  # type: ignore[arg-type]
+        return cls(open(target, "ab"), ledger)  # noqa: SIM115 - owned by the sink, closed in close()
 
-    def emit(self, kind: EventKind, fields: dict[str, Any], *, flush: bool = False) -> None:
-        """Queue one event; ``flush`` writes it out now (refusals: written before the client hears of them)."""
+    def emit(self, kind: EventKind, fields: dict[str, Any], *, flush: bool = False,
+             durable: bool = False) -> concurrent.futures.Future | None:
+        """Queue one event; ``flush`` writes the JSON line now; ``durable`` returns the ledger commit to wait for."""
         event = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"), "kind": kind.value}
         event.update(fields)
-        self._buf.append(orjson.dumps(event, default=str))
-        self.emitted += 1
-        if flush or len(self._buf) >= 512:
-            self.flush()
+        return self._line(orjson.dumps(event, default=str), flush, durable)
 
-    def emit_fragments(self, kind: EventKind, now_iso: str, *fragments: bytes, flush: bool = False) -> None:
+    def _line(self, line: bytes, flush: bool, durable: bool) -> concurrent.futures.Future | None:
+        self.emitted += 1
+        future = self.ledger.append(line, durable=durable) if self.ledger is not None else None
+        if self._stream is not None:
+            self._buf.append(line)
+            if flush or len(self._buf) >= 512:
+                self.flush()
+        return future
+
+    def emit_fragments(self, kind: EventKind, now_iso: str, *fragments: bytes, flush: bool = False,
+                       durable: bool = False) -> concurrent.futures.Future | None:
         """Queue one event assembled from pre-serialized JSON members (``"key":value`` bytes).
 
         The statement path uses this: the session's constant members and a statement shape's
         facts and decisions are serialized once and reused.
         """
-        self._buf.append(b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
-                         + b",".join(fragments) + b"}")
-        self.emitted += 1
-        if flush or len(self._buf) >= 512:
-            self.flush()
+        line = (b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
+                + b",".join(fragments) + b"}")
+        return self._line(line, flush, durable)
 
     def flush(self) -> None:
-        if self._buf:
+        if self._buf and self._stream is not None:
             self._stream.write(b"\n".join(self._buf) + b"\n")
             self._buf.clear()
             self._stream.flush()
 
     def close(self) -> None:
         self.flush()
-        if self._stream is not sys.stdout.buffer:
+        if self._stream is not None and self._stream is not sys.stdout.buffer:
             self._stream.close()
+        if self.ledger is not None:
+            self.ledger.close()

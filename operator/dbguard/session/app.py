@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import sqlite3
+
 from dbguard.audit.events import EventSink
 from dbguard.config import ProxySettings
+from dbguard.errors import ConfigError
 from dbguard.identity.static import StaticTokens
 from dbguard.session.server import Proxy
 
@@ -25,6 +29,27 @@ def build_decider(settings: ProxySettings):  # noqa: ANN201 - the policy package
     return decider.Decider(bundle, engine, timeout_s=settings.limits.policy_timeout)
 
 
+def build_ledger(settings: ProxySettings):  # noqa: ANN201 - SqliteLedger or None
+    if not settings.ledger.path:
+        return None
+    from dbguard.audit import cli as audit_cli
+    from dbguard.audit import sqlite_sink
+
+    key = None
+    if settings.ledger.signing_key:
+        try:
+            key = audit_cli.load_private_key(settings.ledger.signing_key)
+        except (OSError, ValueError, SystemExit) as exc:
+            raise ConfigError(f"--ledger-signing-key: {exc}") from exc
+    chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
+    try:
+        return sqlite_sink.SqliteLedger(settings.ledger.path, chain, signing_key=key,
+                                        synchronous=settings.ledger.synchronous)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"--ledger {settings.ledger.path}: {exc}") from exc
+
+
 def build_proxy(settings: ProxySettings) -> Proxy:
     tokens = StaticTokens.load(settings.identity.tokens_file) if settings.identity.mode == "token" else None
-    return Proxy(settings, decider=build_decider(settings), events=EventSink.open(settings.events), tokens=tokens)
+    events = EventSink.open(settings.events, ledger=build_ledger(settings))
+    return Proxy(settings, decider=build_decider(settings), events=events, tokens=tokens)

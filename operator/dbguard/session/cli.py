@@ -8,7 +8,14 @@ import os
 import sys
 
 from dbguard.audit.events import EventSink
-from dbguard.config import IdentitySettings, LimitSettings, ListenSettings, ProxySettings, UpstreamSettings
+from dbguard.config import (
+    IdentitySettings,
+    LedgerSettings,
+    LimitSettings,
+    ListenSettings,
+    ProxySettings,
+    UpstreamSettings,
+)
 from dbguard.errors import ConfigError
 
 DESCRIPTION = """\
@@ -60,6 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="deadline for one policy evaluation; past it the statement is refused (default 0.2)")
     p.add_argument("--events", default="-", metavar="FILE",
                    help="where decision events go as JSON lines: - for stdout (default) or a file")
+    p.add_argument("--ledger", default="", metavar="FILE",
+                   help="SQLite audit ledger (hash-chained, WAL); writes and refusals are committed to it "
+                        "before they run or are answered")
+    p.add_argument("--ledger-chain", default="", metavar="NAME",
+                   help="this proxy's chain in the ledger (default HOST:PORT)")
+    p.add_argument("--ledger-signing-key", default="", metavar="PEM",
+                   help="Ed25519 private key that signs checkpoints (dbguard audit keygen)")
+    p.add_argument("--ledger-synchronous", default="NORMAL", choices=("NORMAL", "FULL"),
+                   help="NORMAL survives a killed proxy; FULL also a power loss (default NORMAL)")
     p.add_argument("--max-message-size", type=int, default=64 * 1024 * 1024, metavar="BYTES",
                    help="largest client message accepted (default 64 MiB)")
     p.add_argument("--login-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -96,6 +112,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         engine=args.engine,
         opa_url=args.opa_url,
         events=args.events,
+        ledger=LedgerSettings(path=args.ledger, chain=args.ledger_chain, signing_key=args.ledger_signing_key,
+                              synchronous=args.ledger_synchronous),
     )
 
 

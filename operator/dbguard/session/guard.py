@@ -81,6 +81,18 @@ class Verdict:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
+# Functions a plain SELECT may call and still be a pure read (its ledger entry need not be durable).
+_READ_FUNCTIONS = frozenset({"count", "sum", "avg", "min", "max", "now", "lower", "upper", "coalesce", "length",
+                             "abs", "round", "date_trunc", "current_date", "version", "current_setting"})
+_READ_KINDS = frozenset({"SelectStmt", "VariableShowStmt"})
+
+
+def read_only(f: F.StatementFacts) -> bool:
+    """A statement that only reads: its ledger entry may be written after the fact (non-durable)."""
+    return (f.kind in _READ_KINDS and not f.flags and all(a.operation == "SELECT" for a in f.actions)
+            and all(fn.rsplit(".", 1)[-1] in _READ_FUNCTIONS for fn in f.functions))
+
+
 def refusal_for_analysis_error(exc: F.AnalysisError) -> Refusal:
     if exc.sqlstate == SqlState.SYNTAX_ERROR.value:
         return Refusal(sqlstate=SqlState.SYNTAX_ERROR, rule="dbguard:parse-error",

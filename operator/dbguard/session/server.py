@@ -94,7 +94,7 @@ class Proxy:
             s._fatal("57P01", "dbguard is shutting down")  # noqa: SLF001
         if self._flusher is not None:
             self._flusher.cancel()
-        self.events.flush()
+        await asyncio.get_running_loop().run_in_executor(None, self.events.close)  # commits what is queued
         self._stopped.set()
 
     async def serve_forever(self) -> None:

@@ -10,23 +10,25 @@ pipelined statements, and the client's transaction status always matches the ser
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import logging
 import secrets
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from dbguard.analyze import facts as F
 from dbguard.audit.events import EventKind, iso_time
+from dbguard.audit.sqlite_sink import LedgerUnavailable
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
 from dbguard.session import upstream
-from dbguard.session.guard import Guard, Verdict, refusal_for_analysis_error
+from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
 from dbguard.sqlstate import SqlState
 
 if TYPE_CHECKING:
@@ -408,7 +410,8 @@ class ClientSession(asyncio.Protocol):
         else:
             self._discard_until_sync = True
 
-    def _emit_refusal(self, refusal: Refusal, statement: str = "", extra: dict[str, Any] | None = None) -> None:
+    def _emit_refusal(self, refusal: Refusal, statement: str = "",
+                      extra: dict[str, Any] | None = None) -> concurrent.futures.Future | None:
         assert self.principal is not None
         fields: dict[str, Any] = {"session": self.session_id, "identity": self.principal.to_dict(),
                                   "database": self.settings.upstream.database, "client_addr": self.client_addr,
@@ -416,7 +419,29 @@ class ClientSession(asyncio.Protocol):
                                   "statement": statement[:4096]}
         if extra:
             fields.update(extra)
-        self.proxy.events.emit(EventKind.REFUSAL, fields, flush=True)
+        return self.proxy.events.emit(EventKind.REFUSAL, fields, flush=True, durable=True)
+
+    def _after_commit(self, future: concurrent.futures.Future | None, then: Callable[[Refusal | None], None]) -> None:
+        """Run ``then`` once the ledger has committed (at once without a ledger).
+
+        ``then`` gets a refusal when the ledger could not commit: what must be recorded is refused.
+        """
+        if future is None:
+            then(None)
+            return
+        self._run_async(self._await_commit(future, then))
+
+    async def _await_commit(self, future: concurrent.futures.Future,
+                            then: Callable[[Refusal | None], None]) -> None:
+        try:
+            await asyncio.wrap_future(future)
+        except LedgerUnavailable as exc:
+            log.error("session %s: ledger unavailable, refusing: %s", self.session_id, exc)
+            then(Refusal(sqlstate=SqlState.IO_ERROR, rule="dbguard:ledger-unavailable",
+                         message="dbguard refused the statement: the audit ledger cannot record it right now"))
+        else:
+            then(None)
+        self._flush()
 
     def _on_message(self, msg: object) -> None:
         if self._discard_until_sync and not isinstance(msg, m.Sync | m.Terminate):
@@ -472,8 +497,10 @@ class ClientSession(asyncio.Protocol):
 
     def _refuse_protocol(self, sqlstate: SqlState, message: str) -> None:
         refusal = Refusal(sqlstate=sqlstate, message=message, rule="dbguard:protocol")
-        self._emit_refusal(refusal)
-        self._refuse(refusal, sync=not self._in_batch)
+        sync = not self._in_batch
+        if not sync:
+            self._discard_until_sync = True  # at once: what follows in this batch is dropped meanwhile
+        self._after_commit(self._emit_refusal(refusal), lambda failed: self._refuse(failed or refusal, sync=sync))
 
     # simple protocol
 
@@ -508,13 +535,21 @@ class ClientSession(asyncio.Protocol):
                           now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        self._apply_query(msg, verdict, normalized, now)
+        future = self._emit_decision(verdict, normalized, "simple", now)
+        if future is not None:
+            await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
+        else:
+            self._finish_query(msg, verdict, None)
         self._flush()
 
     def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str, now: datetime.datetime) -> None:
-        self._emit_decision(verdict, normalized, "simple", now)
-        if verdict.refusal is not None:
-            return self._refuse(verdict.refusal, sync=True)
+        future = self._emit_decision(verdict, normalized, "simple", now)
+        self._after_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
+
+    def _finish_query(self, msg: m.Query, verdict: Verdict, failed: Refusal | None) -> None:
+        refusal = failed or verdict.refusal
+        if refusal is not None:
+            return self._refuse(refusal, sync=True)
         self._send_warnings(verdict)
         self._remember(verdict.statements)
         self._syncs_sent += 1
@@ -535,14 +570,17 @@ class ClientSession(asyncio.Protocol):
                 self._statements = {k: v for k, v in self._statements.items() if k == ""}
 
     def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
-        self._emit_refusal(refusal, statement)
-        self._refuse(refusal, sync=sync)
+        if not sync:
+            self._discard_until_sync = True
+        self._after_commit(self._emit_refusal(refusal, statement),
+                           lambda failed: self._refuse(failed or refusal, sync=sync))
 
     def _send_warnings(self, verdict: Verdict) -> None:
         for text in verdict.warnings:
             self._send(m.encode_error(sqlstate="01000", message=text, severity="WARNING", notice=True))
 
-    def _emit_decision(self, verdict: Verdict, statement: str, protocol: str, now: datetime.datetime) -> None:
+    def _emit_decision(self, verdict: Verdict, statement: str, protocol: str,
+                       now: datetime.datetime) -> concurrent.futures.Future | None:
         refusal = verdict.refusal
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
         key = (id(verdict.judged), *map(id, verdict.decisions))
@@ -564,10 +602,10 @@ class ClientSession(asyncio.Protocol):
                 _SHAPE_MEMO[key] = (verdict.judged, verdict.decisions, shape)
         else:
             shape = memo[2]
-        self.proxy.events.emit_fragments(
+        return self.proxy.events.emit_fragments(
             EventKind.DECISION, iso_time(now), self._event_prefix,
             b'"protocol":"' + protocol.encode() + b'","statement":' + orjson.dumps(statement[:4096]), shape,
-            flush=refusal is not None)
+            flush=refusal is not None, durable=refusal is not None or not all(map(read_only, verdict.judged)))
 
     # extended protocol
 
@@ -617,16 +655,29 @@ class ClientSession(asyncio.Protocol):
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        self._apply_bind(msg, verdict, now)
+        future = self._emit_bind_decision(verdict, now)
+        if future is not None:
+            await self._await_commit(future, lambda failed: self._finish_bind(msg, verdict, failed))
+        else:
+            self._finish_bind(msg, verdict, None)
         self._flush()
 
-    def _apply_bind(self, msg: m.Bind, verdict: Verdict, now: datetime.datetime) -> None:
+    def _emit_bind_decision(self, verdict: Verdict, now: datetime.datetime) -> concurrent.futures.Future | None:
         texts = verdict.statements
-        self._emit_decision(verdict, texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts),
-                            "extended", now)
+        return self._emit_decision(verdict, texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts),
+                                   "extended", now)
+
+    def _apply_bind(self, msg: m.Bind, verdict: Verdict, now: datetime.datetime) -> None:
         if verdict.refusal is not None:
+            self._discard_until_sync = True
+        self._after_commit(self._emit_bind_decision(verdict, now),
+                           lambda failed: self._finish_bind(msg, verdict, failed))
+
+    def _finish_bind(self, msg: m.Bind, verdict: Verdict, failed: Refusal | None) -> None:
+        refusal = failed or verdict.refusal
+        if refusal is not None:
             self._portals.pop(msg.portal, None)
-            return self._refuse(verdict.refusal, sync=False)
+            return self._refuse(refusal, sync=False)
         self._send_warnings(verdict)
         self._remember(verdict.statements)
         self._portals[msg.portal] = verdict.statements

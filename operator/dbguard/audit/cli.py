@@ -1,0 +1,121 @@
+"""``dbguard audit``: verify the chain, search the ledger, make a checkpoint signing key."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sqlite3
+import sys
+
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from dbguard.audit import ledger, search, sqlite_sink
+
+EPILOG = """\
+examples:
+  dbguard audit verify --ledger /var/lib/dbguard/ledger.db --public-key ledger.pub
+  dbguard audit search --ledger ledger.db --table customers --column balance --op UPDATE \\
+      --since "2026-11-24 02:00" --until "2026-11-24 03:00"
+  dbguard audit keygen --private-key ledger.key --public-key ledger.pub
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    sub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    v = sub.add_parser("verify", help="prove the hash chain and signed checkpoints; name the first bad entry")
+    v.add_argument("--ledger", required=True, metavar="FILE", help="the SQLite ledger")
+    v.add_argument("--public-key", metavar="PEM", help="Ed25519 public key that checks the signed checkpoints")
+    v.set_defaults(audit_func=run_verify)
+    s = sub.add_parser("search", help="who did what, when: filters are ANDed; indexed",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    s.add_argument("--ledger", required=True, metavar="FILE")
+    s.add_argument("--table", default="", help="table name, optionally schema-qualified")
+    s.add_argument("--column", default="")
+    s.add_argument("--op", default="", metavar="OPERATION", help="UPDATE, DELETE, INSERT, SELECT, DROP ...")
+    s.add_argument("--since", default="", metavar="TIME", help='UTC unless given: "2026-11-24 02:00" or "02:00"')
+    s.add_argument("--until", default="", metavar="TIME")
+    s.add_argument("--identity", default="", metavar="USER")
+    s.add_argument("--decision", default="", choices=("", "forwarded", "refused"), help="outcome")
+    s.add_argument("--rule", default="")
+    s.add_argument("--session", default="")
+    s.add_argument("--fingerprint", default="")
+    s.add_argument("--kind", default="", choices=("", "decision", "refusal", "connection", "disconnect"))
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(audit_func=run_search)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signed checkpoints")
+    k.add_argument("--private-key", required=True, metavar="PEM")
+    k.add_argument("--public-key", required=True, metavar="PEM")
+    k.set_defaults(audit_func=run_keygen)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.audit_func(args))
+
+
+def _open(path: str) -> sqlite3.Connection:
+    if not pathlib.Path(path).exists():
+        raise SystemExit(f"dbguard audit: no ledger at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def load_public_key(path: str) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pathlib.Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise SystemExit(f"dbguard audit: {path} is not an Ed25519 public key")
+    return key
+
+
+def load_private_key(path: str) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pathlib.Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SystemExit(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    conn = _open(args.ledger)
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    result = ledger.verify(sqlite_sink.read_rows(conn), sqlite_sink.read_checkpoints(conn), public_key)
+    if result.ok:
+        signed = f", {result.checkpoints} signed checkpoints verified" if public_key else \
+            f", {result.checkpoints} checkpoints (signatures not checked: give --public-key)"
+        print(f"OK: {result.entries} entries in {result.chains} chain(s){signed}")
+        return 0
+    for p in result.problems:
+        print(f"BROKEN chain {p.chain}: entry {p.seq} {p.kind}: {p.detail}")
+    return 1
+
+
+def run_search(args: argparse.Namespace) -> int:
+    conn = _open(args.ledger)
+    q = search.Query(table=args.table, column=args.column, operation=args.op, since=args.since, until=args.until,
+                     user=args.identity, outcome=args.decision, rule=args.rule, session=args.session,
+                     fingerprint=args.fingerprint, kind=args.kind, limit=args.limit)
+    try:
+        events = search.search(conn, q)
+    except ValueError as exc:
+        print(f"dbguard audit search: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        for e in events:
+            sys.stdout.write(orjson.dumps(e).decode() + "\n")
+    else:
+        print(search.format_table(events))
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    key = Ed25519PrivateKey.generate()
+    priv = pathlib.Path(args.private_key)
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    priv.chmod(0o600)
+    pathlib.Path(args.public_key).write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    print(f"wrote {priv} (keep it secret: mount it into the proxy only) and {args.public_key}")
+    return 0

@@ -1,0 +1,93 @@
+"""Indexed questions to the ledger: who did what to which table and column, when."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sqlite3
+from typing import Any
+
+import orjson
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Query:
+    table: str = ""  # "customers" or "public.customers"
+    column: str = ""
+    operation: str = ""  # UPDATE, DELETE, ...
+    since: str = ""  # ISO time (UTC) inclusive
+    until: str = ""  # ISO time (UTC) exclusive
+    user: str = ""
+    outcome: str = ""  # forwarded | refused
+    rule: str = ""
+    session: str = ""
+    fingerprint: str = ""
+    kind: str = ""  # decision | refusal | connection | disconnect
+    limit: int = 1000
+
+
+def parse_time(text: str) -> str:
+    """'2026-11-24 02:00', '2026-11-24T02:00:00Z', '02:00' (today) -> ISO UTC, comparable as text."""
+    text = text.strip()
+    if len(text) <= 5 and ":" in text:
+        today = datetime.datetime.now(datetime.UTC).date().isoformat()
+        text = f"{today} {text}"
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return value.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+
+
+def search(conn: sqlite3.Connection, q: Query) -> list[dict[str, Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if q.table or q.column or q.operation:
+        sub = ["1=1"]
+        if q.table:
+            schema, _, name = q.table.rpartition(".")
+            sub.append("name = ?")
+            args.append(name)
+            if schema:
+                sub.append("schema IN (?, '')")  # unqualified statements may have meant this schema
+                args.append(schema)
+        if q.column:
+            sub.append("col IN (?, '*')")
+            args.append(q.column)
+        if q.operation:
+            sub.append("operation = ?")
+            args.append(q.operation.upper())
+        where.append(f"e.id IN (SELECT entry_id FROM touches WHERE {' AND '.join(sub)})")
+    for field, value in (("user", q.user), ("outcome", q.outcome), ("rule", q.rule), ("session", q.session),
+                         ("kind", q.kind)):
+        if value:
+            where.append(f"e.{field} = ?")
+            args.append(value)
+    if q.fingerprint:
+        where.append("e.fingerprint LIKE ?")
+        args.append(f"%{q.fingerprint}%")
+    if q.since:
+        where.append("e.time >= ?")
+        args.append(parse_time(q.since))
+    if q.until:
+        where.append("e.time < ?")
+        args.append(parse_time(q.until))
+    sql = (f"SELECT e.chain, e.seq, e.data FROM entries e WHERE {' AND '.join(where) or '1=1'} "
+           "ORDER BY e.time LIMIT ?")
+    rows = conn.execute(sql, [*args, q.limit]).fetchall()
+    out = []
+    for chain, seq, data in rows:
+        event = orjson.loads(data)
+        event["ledger"] = {"chain": chain, "seq": seq}
+        out.append(event)
+    return out
+
+
+def format_table(events: list[dict[str, Any]]) -> str:
+    lines = [f"{'time (UTC)':<27} {'who':<14} {'outcome':<9} {'rule':<30} {'session':<17} statement"]
+    for e in events:
+        who = (e.get("identity") or {}).get("user") or e.get("user", "")
+        outcome = e.get("outcome") or e.get("kind", "")
+        lines.append(f"{e.get('time', '')[:26]:<27} {who:<14} {outcome:<9} {e.get('rule') or '-':<30} "
+                     f"{e.get('session', ''):<17} {e.get('statement', '')}")
+    lines.append(f"({len(events)} entr{'y' if len(events) == 1 else 'ies'})")
+    return "\n".join(lines)
