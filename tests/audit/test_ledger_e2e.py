@@ -5,35 +5,14 @@ from __future__ import annotations
 import pathlib
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import psycopg
 import pytest
 
+from tests.audit.conftest import audit, ledger_proxy
 from tests.fix_postgres import Postgres, wait_until
-from tests.fix_proxy import start_proxy
-
-
-def audit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dbguard", "audit", *args], capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture
-def keys(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    priv, pub = tmp_path / "ledger.key", tmp_path / "ledger.pub"
-    r = audit("keygen", "--private-key", str(priv), "--public-key", str(pub))
-    assert r.returncode == 0, r.stderr
-    return priv, pub
-
-
-def ledger_proxy(pg: Postgres, tmp_path: pathlib.Path, priv: pathlib.Path):
-    db = tmp_path / "ledger.db"
-    proxy = start_proxy(pg, tmp_path, "--ledger", str(db), "--ledger-signing-key", str(priv),
-                        "--ledger-chain", "proxy-a")
-    return proxy, db
 
 
 def test_who_changed_a_balance_is_answered_and_the_chain_verifies(pg: Postgres, tmp_path, keys):

@@ -20,6 +20,7 @@ class EventKind(str, enum.Enum):
     DECISION = "decision"  # a statement was decided (allow, deny, warn, dryrun, require-approval)
     REFUSAL = "refusal"  # dbguard refused something before any policy (parse error, protocol, unsafe setting)
     DISCONNECT = "disconnect"
+    COMPLETION = "completion"  # what became of a forwarded write: rows affected, duration, error
 
     def __str__(self) -> str:
         return self.value

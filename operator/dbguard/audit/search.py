@@ -78,16 +78,26 @@ def search(conn: sqlite3.Connection, q: Query) -> list[dict[str, Any]]:
     for chain, seq, data in rows:
         event = orjson.loads(data)
         event["ledger"] = {"chain": chain, "seq": seq}
+        if event.get("kind") == "decision" and "completion" not in event and event.get("stmt"):
+            # A write's outcome is its own entry, written after the server answered.
+            found = conn.execute("SELECT data FROM entries WHERE session = ? AND stmt = ? AND kind = 'completion'",
+                                 (event.get("session", ""), event["stmt"])).fetchone()
+            if found:
+                event["completion"] = orjson.loads(found[0]).get("completion")
         out.append(event)
     return out
 
 
 def format_table(events: list[dict[str, Any]]) -> str:
-    lines = [f"{'time (UTC)':<27} {'who':<14} {'outcome':<9} {'rule':<30} {'session':<17} statement"]
+    lines = [f"{'time (UTC)':<27} {'who':<14} {'outcome':<9} {'rule':<30} {'session':<17} {'rows':>5} "
+             f"{'result':<8} statement"]
     for e in events:
         who = (e.get("identity") or {}).get("user") or e.get("user", "")
         outcome = e.get("outcome") or e.get("kind", "")
+        done = e.get("completion") or {}
+        rows = str(done.get("rows", "")) if done else "-"
+        result = (done.get("error") or {}).get("sqlstate") or done.get("status", "") if done else "-"
         lines.append(f"{e.get('time', '')[:26]:<27} {who:<14} {outcome:<9} {e.get('rule') or '-':<30} "
-                     f"{e.get('session', ''):<17} {e.get('statement', '')}")
+                     f"{e.get('session', ''):<17} {rows:>5} {result:<8} {e.get('statement', '')}")
     lines.append(f"({len(events)} entr{'y' if len(events) == 1 else 'ies'})")
     return "\n".join(lines)

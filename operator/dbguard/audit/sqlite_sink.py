@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS entries (
     kind        TEXT NOT NULL,
     user        TEXT NOT NULL DEFAULT '',
     session     TEXT NOT NULL DEFAULT '',
+    stmt        INTEGER NOT NULL DEFAULT 0,   -- the statement's number in its session
     outcome     TEXT NOT NULL DEFAULT '',
     rule        TEXT NOT NULL DEFAULT '',
     fingerprint TEXT NOT NULL DEFAULT '',
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS entries_time ON entries (time);
 CREATE INDEX IF NOT EXISTS entries_user_time ON entries (user, time);
 CREATE INDEX IF NOT EXISTS entries_rule_time ON entries (rule, time);
-CREATE INDEX IF NOT EXISTS entries_session ON entries (session);
+CREATE INDEX IF NOT EXISTS entries_session ON entries (session, stmt);
 CREATE INDEX IF NOT EXISTS entries_fingerprint ON entries (fingerprint);
 CREATE INDEX IF NOT EXISTS touches_object ON touches (name, col, operation, entry_id);
 """
@@ -79,7 +80,7 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+def touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     for statement in event.get("statements") or ():
         for action in statement.get("actions") or ():
             columns = action.get("columns") or [""]
@@ -178,16 +179,13 @@ class SqliteLedger:
                     seq += 1
                     h = ledger.entry_hash(prev, seq, self.chain, data)
                     event = orjson.loads(data)
-                    identity = event.get("identity") or {}
                     cur.execute(
-                        "INSERT INTO entries (chain, seq, prev, hash, time, kind, user, session, outcome, rule,"
-                        " fingerprint, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (self.chain, seq, prev, h, event.get("time", ""), event.get("kind", ""),
-                         identity.get("user") or event.get("user", ""), event.get("session", ""),
-                         event.get("outcome", ""), event.get("rule", ""), _fingerprints(event), data))
+                        "INSERT INTO entries (chain, seq, prev, hash, time, kind, user, session, stmt, outcome,"
+                        " rule, fingerprint, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (self.chain, seq, prev, h, *index_fields(event), data))
                     entry_id = cur.lastrowid
                     cur.executemany("INSERT INTO touches VALUES (?,?,?,?,?)",
-                                    [(entry_id, *t) for t in _touches(event)])
+                                    [(entry_id, *t) for t in touches(event)])
                     if self._key is not None and seq % self._checkpoint_every == 0:
                         checkpoints.append((seq, h))
                     prev = h
@@ -229,8 +227,13 @@ class SqliteLedger:
                 fut.set_result(seq)
 
 
-def _fingerprints(event: dict[str, Any]) -> str:
-    return " ".join(s.get("fingerprint", "") for s in event.get("statements") or ())
+def index_fields(event: dict[str, Any]) -> tuple[str, str, str, str, int, str, str, str]:
+    """time, kind, user, session, stmt, outcome, rule, fingerprints: the searchable columns."""
+    identity = event.get("identity") or {}
+    stmt = event.get("stmt") or (event.get("completion") or {}).get("stmt") or 0
+    return (event.get("time", ""), event.get("kind", ""), identity.get("user") or event.get("user", ""),
+            event.get("session", ""), int(stmt), event.get("outcome", ""), event.get("rule", ""),
+            " ".join(s.get("fingerprint", "") for s in event.get("statements") or ()))
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 ParameterStatus, BackendKeyData). ``BackendRelay`` frames the steady stream of results on the way
 to the client without decoding it: it streams large messages through as they arrive (so a huge
 DataRow never sits whole in memory), and hands only the few message types the session must see
-(ErrorResponse, ReadyForQuery, ParameterStatus, CommandComplete) to a callback that may replace them.
+(ErrorResponse, ReadyForQuery, ParameterStatus, CommandComplete, PortalSuspended,
+EmptyQueryResponse) to a callback that may replace them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ _LEN = struct.Struct("!i")
 
 MAX_BACKEND_CONTROL_MESSAGE = 1024 * 1024  # an ErrorResponse or ParameterStatus is never this large
 
-# ErrorResponse, ReadyForQuery, ParameterStatus, CommandComplete.
-WATCHED = frozenset(b"EZSC")
+# ErrorResponse, ReadyForQuery, ParameterStatus, CommandComplete, PortalSuspended, EmptyQueryResponse.
+WATCHED = frozenset(b"EZSCsI")
 
 
 class BackendStartupReader:

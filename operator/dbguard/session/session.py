@@ -28,6 +28,7 @@ from dbguard.identity.principal import Principal
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
 from dbguard.session import upstream
+from dbguard.session.completions import CompletionTracker, Pending
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
 from dbguard.sqlstate import SqlState
 
@@ -70,7 +71,11 @@ class ClientSession(asyncio.Protocol):
         self._discard_until_sync = False
         self._in_batch = False  # extended-protocol messages seen since the last Sync
         self._statements: dict[str, tuple[F.StatementFacts, ...]] = {}  # protocol-level prepared statements
-        self._portals: dict[str, tuple[F.StatementFacts, ...]] = {}
+        # portal -> (statements, statement number, a read's decision entry deferred to its completion)
+        self._portals: dict[str, tuple[tuple[F.StatementFacts, ...], int, tuple[str, bytes] | None]] = {}
+        self.completions = CompletionTracker()
+        self._stmt_no = 0  # decisions in this session; completion entries name theirs
+        self._decided: tuple[int, tuple[str, bytes] | None] = (0, None)  # the latest decision's number, deferral
         self._markers: dict[str, tuple[Refusal, int]] = {}  # refusal name -> (refusal, sync number)
         self._refusals = 0
         self._syncs_sent = 0  # Query and Sync messages sent: each earns one ReadyForQuery
@@ -148,6 +153,9 @@ class ClientSession(asyncio.Protocol):
             self._login_timer.cancel()
             self._login_timer = None
         if self.state != "gone":
+            leftover = self.completions.drain()
+            if leftover:
+                self._record_completions(leftover)
             if self.principal is not None:
                 self.proxy.events.emit(EventKind.DISCONNECT, {"session": self.session_id, "user": self.principal.user})
             self.state = "gone"
@@ -362,9 +370,15 @@ class ClientSession(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
+        if type_code == 0x43:  # 'C' CommandComplete
+            self.completions.command_complete(payload[:-1].decode("ascii", "replace"))
+            return None
         if type_code == 0x5A:  # 'Z' ReadyForQuery
             status = chr(payload[0]) if payload else "I"
             self._rfq_seen += 1
+            finished = self.completions.ready(self._rfq_seen)
+            if finished:
+                self._record_completions(finished)
             if self.guard is not None:
                 self.guard.update(in_transaction=status != "I")
             if status == "I":
@@ -380,6 +394,13 @@ class ClientSession(asyncio.Protocol):
                     del self._markers[name]
                     return m.encode_error(sqlstate=str(refusal.sqlstate), message=refusal.message,
                                           detail=refusal.detail, hint=refusal.hint)
+        if type_code == 0x45:
+            fields = m.decode_error_fields(payload)
+            if fields.get("S") in ("ERROR", "FATAL", "PANIC"):
+                self.completions.error(fields.get("C", ""), fields.get("M", ""))
+            return None
+        if type_code == 0x73 or type_code == 0x49:  # 's' PortalSuspended, 'I' EmptyQueryResponse
+            self.completions.command_complete("")
             return None
         if type_code == 0x53:  # 'S' ParameterStatus: the last line of defence for parser/server agreement
             name, _, rest = payload.partition(b"\x00")
@@ -455,9 +476,14 @@ class ClientSession(asyncio.Protocol):
 
     def _on_execute(self, msg: m.Execute) -> None:
         self._in_batch = True
-        if msg.portal not in self._portals:
+        portal = self._portals.get(msg.portal)
+        if portal is None:
             return self._refuse_protocol(SqlState.INVALID_CURSOR_NAME,
                                          f"dbguard refused Execute: portal {msg.portal!r} was not bound through dbguard")
+        _, stmt, deferred = portal
+        if deferred is not None:  # the first Execute writes the read's decision; later pieces add completions
+            self._portals[msg.portal] = (portal[0], stmt, None)
+        self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred))
         self._out += msg.raw
         return None
 
@@ -553,6 +579,9 @@ class ClientSession(asyncio.Protocol):
         self._send_warnings(verdict)
         self._remember(verdict.statements)
         self._syncs_sent += 1
+        stmt, deferred = self._decided
+        self._decided = (0, None)
+        self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
         self._out += msg.raw
         return None
 
@@ -602,10 +631,29 @@ class ClientSession(asyncio.Protocol):
                 _SHAPE_MEMO[key] = (verdict.judged, verdict.decisions, shape)
         else:
             shape = memo[2]
-        return self.proxy.events.emit_fragments(
-            EventKind.DECISION, iso_time(now), self._event_prefix,
-            b'"protocol":"' + protocol.encode() + b'","statement":' + orjson.dumps(statement[:4096]), shape,
-            flush=refusal is not None, durable=refusal is not None or not all(map(read_only, verdict.judged)))
+        self._stmt_no += 1
+        members = (b'"stmt":%d,"protocol":"' % self._stmt_no + protocol.encode() + b'","statement":'
+                   + orjson.dumps(statement[:4096]))
+        durable = refusal is not None or not all(map(read_only, verdict.judged))
+        if not durable:
+            # A read's entry waits for its completion (rows, duration, error) and is written once.
+            self._decided = (self._stmt_no, (iso_time(now), self._event_prefix + b"," + members + b"," + shape))
+            return None
+        self._decided = (self._stmt_no, None)
+        return self.proxy.events.emit_fragments(EventKind.DECISION, iso_time(now), self._event_prefix, members,
+                                                shape, flush=refusal is not None, durable=True)
+
+    def _record_completions(self, finished: list[Pending]) -> None:
+        now_iso = ""
+        for p in finished:
+            if not p.stmt:
+                continue
+            completion = b'"completion":' + orjson.dumps(p.fields())
+            if p.deferred is not None:
+                self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion)
+            else:
+                now_iso = now_iso or iso_time(datetime.datetime.now(datetime.UTC))
+                self.proxy.events.emit_fragments(EventKind.COMPLETION, now_iso, self._event_prefix, completion)
 
     # extended protocol
 
@@ -643,7 +691,7 @@ class ClientSession(asyncio.Protocol):
                                          "parsed through dbguard")
         self.guard.update(protocol="extended")
         if not statements:
-            self._portals[msg.portal] = statements
+            self._portals[msg.portal] = (statements, 0, None)
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
@@ -680,7 +728,9 @@ class ClientSession(asyncio.Protocol):
             return self._refuse(refusal, sync=False)
         self._send_warnings(verdict)
         self._remember(verdict.statements)
-        self._portals[msg.portal] = verdict.statements
+        stmt, deferred = self._decided
+        self._decided = (0, None)
+        self._portals[msg.portal] = (verdict.statements, stmt, deferred)
         self._out += msg.raw
         return None
 

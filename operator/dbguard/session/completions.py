@@ -1,0 +1,116 @@
+"""What became of each forwarded statement: rows affected, duration, error.
+
+The session registers one ``Pending`` per forwarded simple Query (which may hold several
+statements) and per forwarded Execute, in the order the server will answer them. The server's
+CommandComplete, PortalSuspended, EmptyQueryResponse and ErrorResponse messages close them in
+that order; ReadyForQuery closes the whole round trip, including what an earlier error made the
+server skip. Sans-IO: the session feeds messages and emits the finished records.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(slots=True)
+class Pending:
+    stmt: int  # the session's statement number, shared with the decision entry
+    sync_no: int  # the ReadyForQuery that ends this round trip
+    until_ready: bool  # a simple Query: every CommandComplete until ReadyForQuery belongs to it
+    deferred: tuple[str, bytes] | None  # a read's decision entry, written together with its completion
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    error: tuple[str, str] | None = None  # (sqlstate, message)
+    ended: float = 0.0
+    closed: bool = False
+    interrupted: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        end = self.ended or time.monotonic()
+        out: dict[str, Any] = {"stmt": self.stmt, "duration_ms": round((end - self.started) * 1000, 3),
+                               "tags": self.tags, "rows": rows_affected(self.tags)}
+        if self.error is not None:
+            out["error"] = {"sqlstate": self.error[0], "message": self.error[1]}
+            out["status"] = "error"
+        elif self.interrupted:
+            out["status"] = "interrupted"  # the session ended before the server answered
+        elif not self.closed:
+            out["status"] = "skipped"  # an earlier error in the batch: the server did not run it
+        else:
+            out["status"] = "ok"
+        return out
+
+
+def rows_affected(tags: list[str]) -> int:
+    """Sum of the row counts in command tags ('UPDATE 3', 'INSERT 0 1', 'SELECT 10', 'COPY 5')."""
+    total = 0
+    for tag in tags:
+        last = tag.rpartition(" ")[2]
+        if last.isdigit():
+            total += int(last)
+    return total
+
+
+class CompletionTracker:
+    """Matches the server's result messages to the statements the session forwarded."""
+
+    __slots__ = ("_queue", "_rfq")
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._rfq = 0  # ReadyForQuery messages seen: the round trip in flight is the next one
+
+    def expect(self, pending: Pending) -> None:
+        self._queue.append(pending)
+
+    def _front(self) -> Pending | None:
+        for p in self._queue:
+            if p.sync_no > self._rfq + 1:
+                return None  # a later round trip (pipelining): not what this message answers
+            if not p.closed and p.error is None:
+                return p
+        return None
+
+    def command_complete(self, tag: str) -> None:
+        p = self._front()
+        if p is None:
+            return
+        p.tags.append(tag)
+        if not p.until_ready:
+            p.closed = True
+            p.ended = time.monotonic()
+
+    def suspended(self) -> None:  # PortalSuspended: the Execute's row limit was reached
+        self.command_complete("")
+
+    def error(self, sqlstate: str, message: str) -> None:
+        p = self._front()
+        if p is not None:
+            p.error = (sqlstate, message[:1024])
+            p.ended = time.monotonic()
+
+    def ready(self, rfq_no: int) -> list[Pending]:
+        """ReadyForQuery number ``rfq_no`` arrived: return the round trip's finished statements."""
+        self._rfq = rfq_no
+        done: list[Pending] = []
+        queue = self._queue
+        while queue and queue[0].sync_no <= rfq_no:
+            p = queue.popleft()
+            if p.until_ready and p.error is None:
+                p.closed = True
+            if not p.ended:
+                p.ended = time.monotonic()
+            done.append(p)
+        return done
+
+    def drain(self) -> list[Pending]:
+        """The session ended: whatever was still pending, for the record."""
+        done = list(self._queue)
+        self._queue.clear()
+        for p in done:
+            if not p.closed and p.error is None:
+                p.interrupted = True
+        return done

@@ -1,0 +1,31 @@
+"""Helpers for ledger tests: the audit CLI, a signing key pair, a proxy writing a signed ledger."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.fix_postgres import Postgres
+from tests.fix_proxy import Proxy, start_proxy
+
+
+def audit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbguard", "audit", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def keys(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    priv, pub = tmp_path / "ledger.key", tmp_path / "ledger.pub"
+    r = audit("keygen", "--private-key", str(priv), "--public-key", str(pub))
+    assert r.returncode == 0, r.stderr
+    return priv, pub
+
+
+def ledger_proxy(pg: Postgres, tmp_path: pathlib.Path, priv: pathlib.Path) -> tuple[Proxy, pathlib.Path]:
+    db = tmp_path / "ledger.db"
+    proxy = start_proxy(pg, tmp_path, "--ledger", str(db), "--ledger-signing-key", str(priv),
+                        "--ledger-chain", "proxy-a")
+    return proxy, db
