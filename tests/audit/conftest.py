@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import secrets
 import subprocess
 import sys
 
@@ -29,3 +30,17 @@ def ledger_proxy(pg: Postgres, tmp_path: pathlib.Path, priv: pathlib.Path) -> tu
     proxy = start_proxy(pg, tmp_path, "--ledger", str(db), "--ledger-signing-key", str(priv),
                         "--ledger-chain", "proxy-a")
     return proxy, db
+
+
+LEDGER_PASSWORD = "ledger-secret"
+
+
+@pytest.fixture
+def ledger_db(pg: Postgres) -> str:
+    """A PostgreSQL database apart from the governed one, owned by a role that only the ledger uses."""
+    name = f"ledger_{secrets.token_hex(4)}"
+    pg.psql(f"DO $$ BEGIN CREATE ROLE ledger LOGIN PASSWORD '{LEDGER_PASSWORD}'; "
+            "EXCEPTION WHEN duplicate_object THEN ALTER ROLE ledger LOGIN; END $$", db="postgres")
+    pg.psql(f"CREATE DATABASE {name} OWNER ledger", db="postgres")
+    yield f"postgresql://ledger:{LEDGER_PASSWORD}@127.0.0.1:{pg.port}/{name}?sslmode=disable"
+    pg.psql(f"DROP DATABASE {name} WITH (FORCE)", db="postgres")

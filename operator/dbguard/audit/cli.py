@@ -6,16 +6,21 @@ import argparse
 import pathlib
 import sqlite3
 import sys
+from typing import Any
 
 import orjson
+import psycopg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from dbguard.audit import ledger, search, sqlite_sink
+from dbguard.audit import ledger, postgres_sink, search, sqlite_sink
 
 EPILOG = """\
+The ledger is a SQLite file or a postgresql:// URL (the sink a cluster of proxies shares).
+
 examples:
   dbguard audit verify --ledger /var/lib/dbguard/ledger.db --public-key ledger.pub
+  dbguard audit verify --ledger postgresql://auditor@ledger-db/audit --public-key ledger.pub
   dbguard audit search --ledger ledger.db --table customers --column balance --op UPDATE \\
       --since "2026-11-24 02:00" --until "2026-11-24 03:00"
   dbguard audit keygen --private-key ledger.key --public-key ledger.pub
@@ -27,12 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     sub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = sub.add_parser("verify", help="prove the hash chain and signed checkpoints; name the first bad entry")
-    v.add_argument("--ledger", required=True, metavar="FILE", help="the SQLite ledger")
+    v.add_argument("--ledger", required=True, metavar="FILE|URL", help="the SQLite file or postgresql:// URL")
     v.add_argument("--public-key", metavar="PEM", help="Ed25519 public key that checks the signed checkpoints")
     v.set_defaults(audit_func=run_verify)
     s = sub.add_parser("search", help="who did what, when: filters are ANDed; indexed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    s.add_argument("--ledger", required=True, metavar="FILE")
+    s.add_argument("--ledger", required=True, metavar="FILE|URL", help="the SQLite file or postgresql:// URL")
     s.add_argument("--table", default="", help="table name, optionally schema-qualified")
     s.add_argument("--column", default="")
     s.add_argument("--op", default="", metavar="OPERATION", help="UPDATE, DELETE, INSERT, SELECT, DROP ...")
@@ -57,10 +62,16 @@ def run(args: argparse.Namespace) -> int:
     return int(args.audit_func(args))
 
 
-def _open(path: str) -> sqlite3.Connection:
-    if not pathlib.Path(path).exists():
-        raise SystemExit(f"dbguard audit: no ledger at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _open(target: str) -> Any:
+    """A read-only connection: SQLite, or a PostgresReader for a postgresql:// URL."""
+    if postgres_sink.is_postgres_url(target):
+        try:
+            return postgres_sink.PostgresReader(target)
+        except psycopg.Error as exc:
+            raise SystemExit(f"dbguard audit: cannot open the PostgreSQL ledger: {exc}") from exc
+    if not pathlib.Path(target).exists():
+        raise SystemExit(f"dbguard audit: no ledger at {target}")
+    return sqlite3.connect(f"file:{target}?mode=ro", uri=True)
 
 
 def load_public_key(path: str) -> Ed25519PublicKey:
@@ -80,7 +91,8 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
 def run_verify(args: argparse.Namespace) -> int:
     conn = _open(args.ledger)
     public_key = load_public_key(args.public_key) if args.public_key else None
-    result = ledger.verify(sqlite_sink.read_rows(conn), sqlite_sink.read_checkpoints(conn), public_key)
+    store = postgres_sink if isinstance(conn, postgres_sink.PostgresReader) else sqlite_sink
+    result = ledger.verify(store.read_rows(conn), store.read_checkpoints(conn), public_key)
     if result.ok:
         signed = f", {result.checkpoints} signed checkpoints verified" if public_key else \
             f", {result.checkpoints} checkpoints (signatures not checked: give --public-key)"

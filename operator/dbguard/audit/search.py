@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import sqlite3
 from typing import Any
 
 import orjson
@@ -38,7 +37,8 @@ def parse_time(text: str) -> str:
     return value.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
-def search(conn: sqlite3.Connection, q: Query) -> list[dict[str, Any]]:
+def search(conn: Any, q: Query) -> list[dict[str, Any]]:
+    """Entries matching every filter, oldest first; ``conn`` is a SQLite connection or a PostgresReader."""
     where: list[str] = []
     args: list[Any] = []
     if q.table or q.column or q.operation:
@@ -60,7 +60,7 @@ def search(conn: sqlite3.Connection, q: Query) -> list[dict[str, Any]]:
     for field, value in (("user", q.user), ("outcome", q.outcome), ("rule", q.rule), ("session", q.session),
                          ("kind", q.kind)):
         if value:
-            where.append(f"e.{field} = ?")
+            where.append(f'e."{field}" = ?')
             args.append(value)
     if q.fingerprint:
         where.append("e.fingerprint LIKE ?")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 import sqlite3
 
+import psycopg
+
 from dbguard.audit.events import EventSink
+from dbguard.audit.writer import LedgerWriter
 from dbguard.config import ProxySettings
 from dbguard.errors import ConfigError
 from dbguard.identity.static import StaticTokens
@@ -29,11 +32,11 @@ def build_decider(settings: ProxySettings):  # noqa: ANN201 - the policy package
     return decider.Decider(bundle, engine, timeout_s=settings.limits.policy_timeout)
 
 
-def build_ledger(settings: ProxySettings):  # noqa: ANN201 - SqliteLedger or None
+def build_ledger(settings: ProxySettings) -> LedgerWriter | None:
     if not settings.ledger.path:
         return None
     from dbguard.audit import cli as audit_cli
-    from dbguard.audit import sqlite_sink
+    from dbguard.audit import postgres_sink, sqlite_sink
 
     key = None
     if settings.ledger.signing_key:
@@ -42,6 +45,11 @@ def build_ledger(settings: ProxySettings):  # noqa: ANN201 - SqliteLedger or Non
         except (OSError, ValueError, SystemExit) as exc:
             raise ConfigError(f"--ledger-signing-key: {exc}") from exc
     chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
+    if postgres_sink.is_postgres_url(settings.ledger.path):
+        try:
+            return postgres_sink.PostgresLedger(settings.ledger.path, chain, signing_key=key)
+        except psycopg.Error as exc:
+            raise ConfigError(f"--ledger: the PostgreSQL sink is unusable: {exc}") from exc
     try:
         return sqlite_sink.SqliteLedger(settings.ledger.path, chain, signing_key=key,
                                         synchronous=settings.ledger.synchronous)

@@ -66,10 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-timeout", type=float, default=0.2, metavar="SECONDS",
                    help="deadline for one policy evaluation; past it the statement is refused (default 0.2)")
     p.add_argument("--events", default="-", metavar="FILE",
-                   help="where decision events go as JSON lines: - for stdout (default) or a file")
-    p.add_argument("--ledger", default="", metavar="FILE",
-                   help="SQLite audit ledger (hash-chained, WAL); writes and refusals are committed to it "
-                        "before they run or are answered")
+                   help="where decision events go as JSON lines for log shippers: - for stdout (default), "
+                        "a file, or none")
+    p.add_argument("--ledger", default="", metavar="FILE|URL",
+                   help="the hash-chained audit ledger: a SQLite file (WAL; one proxy) or a postgresql:// URL "
+                        "of a database apart from the governed one (a cluster of proxies, one chain each). "
+                        "Writes and refusals are committed to it before they run or are answered")
     p.add_argument("--ledger-chain", default="", metavar="NAME",
                    help="this proxy's chain in the ledger (default HOST:PORT)")
     p.add_argument("--ledger-signing-key", default="", metavar="PEM",

@@ -22,7 +22,7 @@ import orjson
 
 from dbguard.analyze import facts as F
 from dbguard.audit.events import EventKind, iso_time
-from dbguard.audit.sqlite_sink import LedgerUnavailable
+from dbguard.audit.writer import LedgerUnavailable
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError

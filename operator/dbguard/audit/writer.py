@@ -1,0 +1,198 @@
+"""The ledger writer: one thread per proxy that chains, batches and commits entries to a store.
+
+Entries arrive as the event's JSON bytes. The writer assigns each its place in this proxy's chain,
+hashes it and hands a whole batch to the store, which commits it in one transaction: a crash
+leaves whole batches or nothing. A durable append returns a future that resolves once its batch is
+committed; the proxy waits for it before it forwards a write or answers a refusal. Checkpoints
+are signed every ``checkpoint_every`` entries, at least once a second while entries arrive, when
+the writer falls idle and at shutdown.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dbguard.audit import ledger
+
+log = logging.getLogger("dbguard.ledger")
+
+BATCH_MAX = 1000
+RETRY_LIMIT = 100_000  # non-durable entries kept for retry while the store fails
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not commit: a durable statement must be refused."""
+
+
+class Entry:
+    """One chained entry ready for the store, with its searchable fields extracted."""
+
+    __slots__ = ("data", "event", "hash", "prev", "seq")
+
+    def __init__(self, seq: int, prev: str, hash_: str, data: bytes, event: dict[str, Any]) -> None:
+        self.seq, self.prev, self.hash, self.data, self.event = seq, prev, hash_, data, event
+
+
+class Store(Protocol):
+    """Where a chain is kept: SQLite (sqlite_sink) or PostgreSQL (postgres_sink)."""
+
+    def tail(self, chain: str) -> tuple[int, str, int]:
+        """(last seq, its hash, last signed seq) of ``chain``; (0, GENESIS, 0) when new."""
+        ...
+
+    def write(self, chain: str, entries: list[Entry], checkpoints: list[tuple[int, str, bytes]]) -> None:
+        """Commit entries and checkpoints in one transaction, or raise and commit nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    """(operation, schema, table, column) for each object a statement touches: the search index."""
+    for statement in event.get("statements") or ():
+        for action in statement.get("actions") or ():
+            for col in action.get("columns") or [""]:
+                yield (action.get("operation", ""), action.get("schema", ""), action.get("name", ""), col)
+
+
+def index_fields(event: dict[str, Any]) -> tuple[str, str, str, str, int, str, str, str]:
+    """time, kind, user, session, stmt, outcome, rule, fingerprints: the searchable columns."""
+    identity = event.get("identity") or {}
+    stmt = event.get("stmt") or (event.get("completion") or {}).get("stmt") or 0
+    return (event.get("time", ""), event.get("kind", ""), identity.get("user") or event.get("user", ""),
+            event.get("session", ""), int(stmt), event.get("outcome", ""), event.get("rule", ""),
+            " ".join(s.get("fingerprint", "") for s in event.get("statements") or ()))
+
+
+class LedgerWriter:
+    """Append-only, hash-chained ledger of one proxy instance, written by one thread."""
+
+    def __init__(self, store: Store, chain: str, *, signing_key: Ed25519PrivateKey | None = None,
+                 checkpoint_every: int = 1000, name: str = "") -> None:
+        self.store = store
+        self.name = name or chain
+        self.chain = chain
+        self._key = signing_key
+        self._checkpoint_every = checkpoint_every
+        self._seq, self._prev, self._signed_seq = store.tail(chain)
+        self._queue: queue.Queue[tuple[bytes, concurrent.futures.Future | None] | None] = queue.Queue()
+        self._retry: list[bytes] = []
+        self._last_signed = 0.0
+        self.committed = 0
+        self.failures = 0
+        self.dropped = 0
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name="dbguard-ledger", daemon=True)
+        self._thread.start()
+
+    # -- producer side (event loop) --------------------------------------------------------------
+
+    def append(self, data: bytes, *, durable: bool = False) -> concurrent.futures.Future | None:
+        future: concurrent.futures.Future | None = concurrent.futures.Future() if durable else None
+        self._queue.put((data, future))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self.store.close()
+
+    # -- writer thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if self._retry:
+                    self._commit([])
+                self._sign_tail()  # idle: sign what the last burst left unsigned
+                continue
+            batch: list[tuple[bytes, concurrent.futures.Future | None]] = []
+            if item is None:
+                stop = True
+            else:
+                batch.append(item)
+            while len(batch) < BATCH_MAX:  # group commit: take whatever queued up meanwhile
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            if batch or self._retry:
+                self._commit(batch)
+        self._sign_tail()  # a clean shutdown leaves the whole chain signed
+
+    def _sign_tail(self) -> None:
+        if self._key is None or self._signed_seq >= self._seq:
+            return
+        sig = ledger.sign_checkpoint(self._key, self.chain, self._seq, self._prev)
+        try:
+            self.store.write(self.chain, [], [(self._seq, self._prev, sig)])
+        except Exception as exc:  # noqa: BLE001 - retried at the next idle second
+            log.error("ledger %s: writing a checkpoint failed: %s", self.name, exc)
+            return
+        self._signed_seq = self._seq
+        self._last_signed = time.monotonic()
+
+    def _commit(self, batch: list[tuple[bytes, concurrent.futures.Future | None]]) -> None:
+        pending = [(data, None) for data in self._retry] + batch
+        seq, prev = self._seq, self._prev
+        entries: list[Entry] = []
+        checkpoints: list[tuple[int, str, bytes]] = []
+        try:
+            for data, _ in pending:
+                seq += 1
+                h = ledger.entry_hash(prev, seq, self.chain, data)
+                entries.append(Entry(seq, prev, h, data, orjson.loads(data)))
+                if self._key is not None and seq % self._checkpoint_every == 0:
+                    checkpoints.append((seq, h, ledger.sign_checkpoint(self._key, self.chain, seq, h)))
+                prev = h
+            now = time.monotonic()
+            if (self._key is not None and entries and now - self._last_signed >= 1.0
+                    and (not checkpoints or checkpoints[-1][0] != seq)):
+                # at most a second of entries is ever unsigned while traffic flows
+                checkpoints.append((seq, prev, ledger.sign_checkpoint(self._key, self.chain, seq, prev)))
+                self._last_signed = now
+            self.store.write(self.chain, entries, checkpoints)
+        except Exception as exc:  # noqa: BLE001 - disk full, locked, server gone: refuse what must be durable
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("ledger %s: commit of %d entries failed: %s", self.name, len(pending), self.last_error)
+            keep = [data for data, fut in pending if fut is None]
+            if len(keep) > RETRY_LIMIT:
+                self.dropped += len(keep) - RETRY_LIMIT
+                log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
+                keep = keep[-RETRY_LIMIT:]
+            self._retry = keep
+            for _, fut in pending:
+                if fut is not None:
+                    fut.set_exception(LedgerUnavailable(self.last_error))
+            # A commit whose answer was lost may have landed: continue from what is stored. If the
+            # store is still down, the next commit retries.
+            with contextlib.suppress(Exception):
+                self._seq, self._prev, self._signed_seq = self.store.tail(self.chain)
+            time.sleep(0.05)
+            return
+        self._seq, self._prev = seq, prev
+        if checkpoints:
+            self._signed_seq = checkpoints[-1][0]
+        self._retry = []
+        self.committed += len(pending)
+        for _, fut in pending:
+            if fut is not None:
+                fut.set_result(seq)
