@@ -57,13 +57,19 @@ def rows_affected(tags: list[str]) -> int:
 class CompletionTracker:
     """Matches the server's result messages to the statements the session forwarded."""
 
-    __slots__ = ("_queue", "_rfq")
+    __slots__ = ("_early_error", "_queue", "_rfq")
 
     def __init__(self) -> None:
         self._queue: collections.deque[Pending] = collections.deque()
         self._rfq = 0  # ReadyForQuery messages seen: the round trip in flight is the next one
+        # An error of a Parse or Bind that reached the server before its Execute reached dbguard
+        # (the planner folds `1/0` at Bind): it belongs to the next Execute of the round trip.
+        self._early_error: tuple[str, str] | None = None
 
     def expect(self, pending: Pending) -> None:
+        if self._early_error is not None and pending.sync_no == self._rfq + 1:
+            pending.error, self._early_error = self._early_error, None
+            pending.ended = pending.started
         self._queue.append(pending)
 
     def _front(self) -> Pending | None:
@@ -91,10 +97,13 @@ class CompletionTracker:
         if p is not None:
             p.error = (sqlstate, message[:1024])
             p.ended = time.monotonic()
+        else:
+            self._early_error = (sqlstate, message[:1024])
 
     def ready(self, rfq_no: int) -> list[Pending]:
         """ReadyForQuery number ``rfq_no`` arrived: return the round trip's finished statements."""
         self._rfq = rfq_no
+        self._early_error = None
         done: list[Pending] = []
         queue = self._queue
         while queue and queue[0].sync_no <= rfq_no:
