@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """pgbench directly against PostgreSQL, through PgBouncer and through dbguard, in one run.
 
-Prints tps, mean latency, the ratio to direct and to PgBouncer, and dbguard's CPU microseconds
-per statement (from its process CPU time). Everything listens on loopback; the run is bounded by
---duration per cell. Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16]
+dbguard runs three ways: without a ledger, with the embedded SQLite ledger, and with the
+PostgreSQL ledger sink (a separate database on the same server); all with signed checkpoints and
+no JSON-lines output, so the difference is the ledger. Prints tps, mean latency, the ratio to
+direct, to PgBouncer and to dbguard without a ledger, and dbguard's CPU microseconds per statement
+(from its process CPU time). Everything listens on loopback; the run is bounded by --duration per
+cell. Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16] [--workloads select]
 """
 
 from __future__ import annotations
@@ -68,13 +71,13 @@ def start_pgbouncer(pg_port: int, tmp: pathlib.Path) -> tuple[subprocess.Popen, 
     return proc, port
 
 
-def start_dbguard(pg_port: int, tmp: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start_dbguard(pg_port: int, tmp: pathlib.Path, extra: list[str], name: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "dbguard", "proxy", "--listen", f"127.0.0.1:{port}",
            "--upstream", f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg_port}/app?sslmode=disable",
            "--policy", str(EXAMPLE_POLICY), "--tokens", str(EXAMPLE_TOKENS),
-           "--events", str(tmp / "events.jsonl"), "--log-level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "dbguard.log", "wb"))  # noqa: SIM115
+           "--events", "none", "--log-level", "WARNING", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))  # noqa: SIM115
     wait_until(lambda: subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0,
                timeout=30, what="dbguard")
     return proc, port
@@ -85,6 +88,9 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=15, help="seconds per pgbench run (default 15)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--workloads", default="all", choices=("all", "select"),
+                    help="all three workloads, or only the two select-only ones")
+    ap.add_argument("--no-ledger", action="store_true", help="skip the dbguard-with-ledger rows")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-bench-"))
     pg = start_postgres(tmp / "pg")
@@ -95,17 +101,31 @@ def main() -> int:
                        check=True, capture_output=True)
         (tmp / "bouncer").mkdir()
         bouncer, bouncer_port = start_pgbouncer(pg.port, tmp / "bouncer")
-        guard, guard_port = start_dbguard(pg.port, tmp, [])
-        procs += [bouncer, guard]
+        procs.append(bouncer)
         targets = [("direct", pg.port, "app", APP_PASSWORD, None),
-                   ("pgbouncer", bouncer_port, "app", APP_PASSWORD, None),
-                   ("dbguard", guard_port, "bob", "bob-dba-token", guard.pid)]
+                   ("pgbouncer", bouncer_port, "app", APP_PASSWORD, None)]
+        variants = [("dbguard", [])]
+        if not args.no_ledger:
+            key = tmp / "ledger.key"
+            subprocess.run([sys.executable, "-m", "dbguard", "audit", "keygen", "--private-key", str(key),
+                            "--public-key", str(tmp / "ledger.pub")], check=True, capture_output=True)
+            pg.psql("CREATE DATABASE ledger OWNER app", db="postgres")
+            signed = ["--ledger-signing-key", str(key)]
+            variants += [("+sqlite", ["--ledger", str(tmp / "ledger.db"), *signed]),
+                         ("+pg-sink", ["--ledger", f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/ledger"
+                                                   "?sslmode=disable", *signed])]
+        for name, extra in variants:
+            guard, guard_port = start_dbguard(pg.port, tmp, extra, name)
+            procs.append(guard)
+            targets.append((name, guard_port, "bob", "bob-dba-token", guard.pid))
         print(f"pgbench: {args.clients} clients, 2 threads, {args.duration}s per cell, scale {args.scale}; "
               f"dbguard with {EXAMPLE_POLICY.relative_to(ROOT)}", flush=True)
-        header = f"{'workload':<22} {'path':<10} {'tps':>9} {'lat ms':>7} {'/direct':>8} {'/pgbouncer':>10} {'cpu us/stmt':>11}"
+        header = (f"{'workload':<22} {'path':<10} {'tps':>9} {'lat ms':>7} {'/direct':>8} {'/pgbouncer':>10} "
+                  f"{'/dbguard':>8} {'cpu us/stmt':>11}")
         print(header)
         print("-" * len(header))
-        for name, wargs, stmts in WORKLOADS:
+        workloads = WORKLOADS if args.workloads == "all" else [w for w in WORKLOADS if "select" in w[0]]
+        for name, wargs, stmts in workloads:
             results = {}
             for label, port, user, password, pid in targets:
                 cpu0 = cpu_seconds(pid) if pid else 0.0
@@ -114,8 +134,9 @@ def main() -> int:
                 results[label] = tps
                 ratio_d = tps / results["direct"]
                 ratio_b = tps / results["pgbouncer"] if "pgbouncer" in results else float("nan")
+                ratio_g = tps / results["dbguard"] if "dbguard" in results else float("nan")
                 print(f"{name:<22} {label:<10} {tps:>9.0f} {lat:>7.2f} {ratio_d:>8.2f} {ratio_b:>10.2f} "
-                      f"{cpu if cpu is not None else float('nan'):>11.1f}", flush=True)
+                      f"{ratio_g:>8.2f} {cpu if cpu is not None else float('nan'):>11.1f}", flush=True)
                 time.sleep(1)
         return 0
     finally:

@@ -88,16 +88,37 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
     return out
 
 
+def _decision(e: dict[str, Any]) -> tuple[str, str, str]:
+    """(what was decided, policy/rule, approval reference) for one entry."""
+    if e.get("kind") != "decision":
+        return e.get("kind", ""), e.get("rule") or "-", ""
+    strongest = None
+    for d in e.get("decisions") or ():
+        if d.get("enforced", d.get("action")) != "allow":
+            strongest = d
+            break
+    if strongest is None:
+        return "allow", "-", ""
+    rule = f"{strongest.get('policy')}/{strongest.get('rule')}" if strongest.get("policy") else strongest.get("rule", "")
+    approval = strongest.get("approval")
+    if isinstance(approval, dict):  # the requirement; names the ApprovalRequest once one is created
+        approval = approval.get("request") or "needed"
+    return strongest.get("enforced") or strongest.get("action", ""), rule, str(approval or "")
+
+
 def format_table(events: list[dict[str, Any]]) -> str:
-    lines = [f"{'time (UTC)':<27} {'who':<14} {'outcome':<9} {'rule':<30} {'session':<17} {'rows':>5} "
-             f"{'result':<8} statement"]
+    rows = [("time (UTC)", "who", "decision", "rule", "approval", "rows", "result", "statement")]
     for e in events:
         who = (e.get("identity") or {}).get("user") or e.get("user", "")
-        outcome = e.get("outcome") or e.get("kind", "")
+        decision, rule, approval = _decision(e)
+        if e.get("kind") == "refusal":
+            decision = "refused"
         done = e.get("completion") or {}
-        rows = str(done.get("rows", "")) if done else "-"
-        result = (done.get("error") or {}).get("sqlstate") or done.get("status", "") if done else "-"
-        lines.append(f"{e.get('time', '')[:26]:<27} {who:<14} {outcome:<9} {e.get('rule') or '-':<30} "
-                     f"{e.get('session', ''):<17} {rows:>5} {result:<8} {e.get('statement', '')}")
+        n = str(done.get("rows", "")) if done else "-"
+        result = ((done.get("error") or {}).get("sqlstate") or done.get("status", "")) if done else "-"
+        rows.append((e.get("time", "")[:26].replace("T", " "), who, decision, rule, approval or "-", n, result,
+                     e.get("statement", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
     lines.append(f"({len(events)} entr{'y' if len(events) == 1 else 'ies'})")
     return "\n".join(lines)
