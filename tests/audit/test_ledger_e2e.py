@@ -153,3 +153,24 @@ def test_a_ledger_that_cannot_commit_refuses_writes_and_keeps_the_connection(pg:
         assert "ledger unavailable" in proxy.log()
     finally:
         proxy.stop()
+
+
+def test_no_literal_or_parameter_value_reaches_the_ledger(pg: Postgres, tmp_path, keys):
+    priv, _ = keys
+    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    secrets = ["4111-1111-1111-1111", "mallory@example.org", "s3cr3t-param", "7000042"]
+    try:
+        with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
+            conn.execute(f"UPDATE orders SET status = '{secrets[0]}' WHERE id = 1")  # literal, extended protocol
+            conn.execute("UPDATE orders SET status = %s WHERE id = 1", [secrets[2]])  # parameter
+            conn.execute(f"SELECT * FROM customers WHERE email = '{secrets[1]}'", prepare=False)
+            with pytest.raises(psycopg.Error):
+                conn.execute(f"UPDATE orders SET amount = '{secrets[3]}x'::int WHERE id = 1")  # quoted in the error
+        with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
+            conn.pgconn.exec_(f"SELECT '{secrets[1]}' AS simple_protocol".encode())
+    finally:
+        proxy.stop()
+    raw = b"".join(bytes(d) for (d,) in sqlite3.connect(db).execute("SELECT data FROM entries"))
+    assert b"orders" in raw and b"simple_protocol" in raw
+    for s in secrets:
+        assert s.encode() not in raw, s

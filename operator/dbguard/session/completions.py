@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -42,6 +43,17 @@ class Pending:
         else:
             out["status"] = "ok"
         return out
+
+
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def redact_message(message: str) -> str:
+    """A server error message without the values it quotes (``invalid input syntax ...: "4111..."``).
+
+    The ledger keeps no literal values; names come in the error's own fields (constraint, column).
+    """
+    return _QUOTED.sub('"…"', message)[:1024]
 
 
 def rows_affected(tags: list[str]) -> int:
@@ -93,12 +105,13 @@ class CompletionTracker:
         self.command_complete("")
 
     def error(self, sqlstate: str, message: str) -> None:
+        message = redact_message(message)
         p = self._front()
         if p is not None:
-            p.error = (sqlstate, message[:1024])
+            p.error = (sqlstate, message)
             p.ended = time.monotonic()
         else:
-            self._early_error = (sqlstate, message[:1024])
+            self._early_error = (sqlstate, message)
 
     def ready(self, rfq_no: int) -> list[Pending]:
         """ReadyForQuery number ``rfq_no`` arrived: return the round trip's finished statements."""

@@ -28,6 +28,7 @@ class FactsCache:
     def __init__(self, size: int = MAX_CACHED) -> None:
         self._exact: OrderedDict[str, tuple[F.StatementFacts, ...]] = OrderedDict()
         self._normalized: OrderedDict[str, tuple[F.StatementFacts, ...]] = OrderedDict()
+        self._recorded: OrderedDict[str, str] = OrderedDict()
         self._size = size
         self.hits = 0
         self.misses = 0
@@ -48,6 +49,23 @@ class FactsCache:
         result = analyze.analyze(sql)
         self._put(self._exact, sql, result, self._size)
         return result
+
+    def recorded_text(self, sql: str) -> str:
+        """A Parse text as the ledger records it: constants replaced by ``$n``, like Query texts.
+
+        What a client binds as parameters is not recorded either; values reach the ledger only as
+        the completion's row counts (and, with masking, never in the clear).
+        """
+        found = self._recorded.get(sql)
+        if found is None:
+            try:
+                found = analyze.cache_key(sql)
+            except Exception:  # noqa: BLE001 - it parsed for the analyzer; be safe rather than fail here
+                found = "<statement text withheld: it could not be normalized>"
+            self._recorded[sql] = found
+            if len(self._recorded) > self._size:
+                self._recorded.popitem(last=False)
+        return found
 
     def literal_independent(self, sql: str) -> tuple[tuple[F.StatementFacts, ...], str]:
         """For Query: literals differ on every statement, so key by the normalized text.

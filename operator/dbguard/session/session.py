@@ -712,8 +712,8 @@ class ClientSession(asyncio.Protocol):
 
     def _emit_bind_decision(self, verdict: Verdict, now: datetime.datetime) -> concurrent.futures.Future | None:
         texts = verdict.statements
-        return self._emit_decision(verdict, texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts),
-                                   "extended", now)
+        text = texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts)
+        return self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(text), "extended", now)
 
     def _apply_bind(self, msg: m.Bind, verdict: Verdict, now: datetime.datetime) -> None:
         if verdict.refusal is not None:
