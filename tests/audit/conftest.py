@@ -25,10 +25,11 @@ def keys(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     return priv, pub
 
 
-def ledger_proxy(pg: Postgres, tmp_path: pathlib.Path, priv: pathlib.Path) -> tuple[Proxy, pathlib.Path]:
+def ledger_proxy(pg: Postgres, tmp_path: pathlib.Path, priv: pathlib.Path,
+                 *extra: str) -> tuple[Proxy, pathlib.Path]:
     db = tmp_path / "ledger.db"
     proxy = start_proxy(pg, tmp_path, "--ledger", str(db), "--ledger-signing-key", str(priv),
-                        "--ledger-chain", "proxy-a")
+                        "--ledger-chain", "proxy-a", *extra)
     return proxy, db
 
 

@@ -7,12 +7,13 @@ import signal
 import sqlite3
 import threading
 import time
+import urllib.request
 
 import psycopg
 import pytest
 
 from tests.audit.conftest import audit, ledger_proxy
-from tests.fix_postgres import Postgres, wait_until
+from tests.fix_postgres import Postgres, free_port, wait_until
 
 
 def test_who_changed_a_balance_is_answered_and_the_chain_verifies(pg: Postgres, tmp_path, keys):
@@ -131,9 +132,16 @@ def test_kill_9_mid_traffic_leaves_a_verifying_chain_with_every_answered_write(p
     assert writes >= len(answered), (writes, len(answered))
 
 
+def metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def test_a_ledger_that_cannot_commit_refuses_writes_and_keeps_the_connection(pg: Postgres, tmp_path, keys):
     priv, _ = keys
-    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    metrics_port = free_port()
+    proxy, db = ledger_proxy(pg, tmp_path, priv, "--metrics-listen", f"127.0.0.1:{metrics_port}")
     try:
         with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
             conn.execute("UPDATE orders SET status = 'a' WHERE id = 1")
@@ -145,11 +153,17 @@ def test_a_ledger_that_cannot_commit_refuses_writes_and_keeps_the_connection(pg:
                     conn.execute("UPDATE orders SET status = 'b' WHERE id = 1")
                 assert exc.value.sqlstate == "58030" and "audit ledger cannot record" in str(exc.value)
                 assert time.monotonic() - t0 < 10
+                seen = metrics(metrics_port)
+                assert seen["dbguard_ledger_refused_statements_total"] == 1
+                assert seen["dbguard_ledger_commit_failures_total"] >= 1 and seen["dbguard_ledger_up"] == 0
+                assert seen['dbguard_refusals_total{rule="dbguard:ledger-unavailable"}'] == 1
             finally:
                 blocker.execute("ROLLBACK")
                 blocker.close()
             conn.execute("UPDATE orders SET status = 'c' WHERE id = 1")
         assert pg.psql("SELECT status FROM orders WHERE id = 1").strip() == "c"
+        seen = metrics(metrics_port)
+        assert seen["dbguard_ledger_up"] == 1 and seen["dbguard_ledger_entries_committed_total"] >= 3
         assert "ledger unavailable" in proxy.log()
     finally:
         proxy.stop()

@@ -92,6 +92,7 @@ class LedgerWriter:
         self.failures = 0
         self.dropped = 0
         self.last_error = ""
+        self.last_failed = False
         self._thread = threading.Thread(target=self._run, name="dbguard-ledger", daemon=True)
         self._thread.start()
 
@@ -101,6 +102,10 @@ class LedgerWriter:
         future: concurrent.futures.Future | None = concurrent.futures.Future() if durable else None
         self._queue.put((data, future))
         return future
+
+    def queued(self) -> int:
+        """Entries not yet committed: the ledger's lag."""
+        return self._queue.qsize() + len(self._retry)
 
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(None)
@@ -171,6 +176,7 @@ class LedgerWriter:
             self.store.write(self.chain, entries, checkpoints)
         except Exception as exc:  # noqa: BLE001 - disk full, locked, server gone: refuse what must be durable
             self.failures += 1
+            self.last_failed = True
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("ledger %s: commit of %d entries failed: %s", self.name, len(pending), self.last_error)
             keep = [data for data, fut in pending if fut is None]
@@ -189,6 +195,7 @@ class LedgerWriter:
             time.sleep(0.05)
             return
         self._seq, self._prev = seq, prev
+        self.last_failed = False
         if checkpoints:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []

@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ed25519 private key that signs checkpoints (dbguard audit keygen)")
     p.add_argument("--ledger-synchronous", default="NORMAL", choices=("NORMAL", "FULL"),
                    help="NORMAL survives a killed proxy; FULL also a power loss (default NORMAL)")
+    p.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--max-message-size", type=int, default=64 * 1024 * 1024, metavar="BYTES",
                    help="largest client message accepted (default 64 MiB)")
     p.add_argument("--login-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -130,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dbguard proxy: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.metrics_listen:
+            from dbguard import metrics
+            metrics.serve(proxy, *args.metrics_listen)
         import uvloop
         uvloop.run(proxy.serve_forever())
     except OSError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 from dbguard.audit.events import EventSink
 from dbguard.config import ProxySettings
 from dbguard.identity.static import StaticTokens
+from dbguard.metrics import ProxyStats
 from dbguard.session import upstream
 from dbguard.session.guard import FactsCache
 from dbguard.session.session import ClientSession
@@ -37,6 +38,7 @@ class Proxy:
         self.events = events
         self.tokens = tokens
         self.facts_cache = FactsCache()
+        self.stats = ProxyStats()
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], tuple[ClientSession, int, int]] = {}
         self.tls_context = (make_tls_context(settings.listen.tls_cert, settings.listen.tls_key)

@@ -338,6 +338,7 @@ class ClientSession(asyncio.Protocol):
             "session": self.session_id, "client_addr": self.client_addr, "identity": self.principal.to_dict(),
             "database": self.settings.upstream.database, "application_name": self.params.get("application_name", ""),
             "tls": self.tls, "authenticated": True})
+        self.proxy.stats.connections += 1
         if rest:
             self._on_upstream_data(rest)
         return None
@@ -421,6 +422,7 @@ class ClientSession(asyncio.Protocol):
     def _refuse(self, refusal: Refusal, *, sync: bool) -> None:
         """Make the server fail in place of the refused message (see the module docstring)."""
         self._refusals += 1
+        self.proxy.stats.refusals[refusal.rule] += 1
         name = f"{REFUSED_PREFIX}{self.session_id}.{self._refusals}"
         # The marker is dropped when the ReadyForQuery of the Sync that closes this batch arrives.
         self._markers[name] = (refusal, self._syncs_sent + 1)
@@ -458,6 +460,7 @@ class ClientSession(asyncio.Protocol):
             await asyncio.wrap_future(future)
         except LedgerUnavailable as exc:
             log.error("session %s: ledger unavailable, refusing: %s", self.session_id, exc)
+            self.proxy.stats.ledger_refusals += 1
             then(Refusal(sqlstate=SqlState.IO_ERROR, rule="dbguard:ledger-unavailable",
                          message="dbguard refused the statement: the audit ledger cannot record it right now"))
         else:
