@@ -83,6 +83,7 @@ class ClientSession(asyncio.Protocol):
         self._login_timer: asyncio.TimerHandle | None = None
         self._client_paused = False
         self._event_prefix = b""
+        self._cut_after: bytes | None = None  # a FATAL relayed in the server's stream: nothing follows it
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -119,12 +120,15 @@ class ClientSession(asyncio.Protocol):
 
     def _fatal(self, sqlstate: str, message: str, *, log_level: int = logging.WARNING) -> None:
         """FATAL error to this one client, then close it: for what the protocol cannot recover from."""
+        if self.state in ("closed", "gone"):
+            return
         log.log(log_level, "session %s (%s): closing: %s", self.session_id, self.client_addr, message)
         self.proxy.events.emit(EventKind.REFUSAL, {"session": self.session_id, "client_addr": self.client_addr,
                                                     "identity": self.principal.to_dict() if self.principal else None,
                                                     "rule": "dbguard:protocol", "sqlstate": sqlstate,
                                                     "reason": message, "fatal": True}, flush=True)
-        self._send(m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL"))
+        if self._cut_after is None:  # else it was already relayed in place
+            self._send(m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL"))
         self._close(linger=True)
 
     def _close(self, *, linger: bool = False) -> None:
@@ -346,10 +350,14 @@ class ClientSession(asyncio.Protocol):
     # -- server -> client --------------------------------------------------------------------------
 
     def _on_upstream_data(self, data: bytes) -> None:
+        if self._cut_after is not None:
+            return None  # closing: the FATAL was the last thing relayed
         try:
             out = self.relay.feed(data)
         except RemoteProtocolError as exc:
             return self._fatal("08P01", f"the database server sent a malformed message: {exc}")
+        if self._cut_after is not None:
+            out = out[:out.find(self._cut_after) + len(self._cut_after)]
         if out:
             self._send(out)
         return None
@@ -410,11 +418,14 @@ class ClientSession(asyncio.Protocol):
                 name == b"client_encoding" and not F.is_utf8(value)
             ):
                 log.error("session %s: server reports %s=%s; closing", self.session_id, name.decode(), value)
-                asyncio.get_running_loop().call_soon(
-                    self._fatal, "42501",
-                    f"dbguard closed the session: the server now reads SQL with {name.decode()}={value}, "
-                    "which dbguard cannot judge safely")
-                return b""
+                # The FATAL takes the ParameterStatus's place, ahead of the ReadyForQuery: the client
+                # reads it as the answer to the statement that changed the setting (a FATAL that
+                # arrives while the client is idle is dropped by libpq). Nothing after it is relayed.
+                message = (f"dbguard closed the session: the server now reads SQL with {name.decode()}={value}, "
+                           "which dbguard cannot judge safely")
+                self._cut_after = m.encode_error(sqlstate="42501", message=message, severity="FATAL")
+                asyncio.get_running_loop().call_soon(self._fatal, "42501", message)
+                return self._cut_after
         return None
 
     # -- client -> server --------------------------------------------------------------------------
