@@ -4,15 +4,16 @@
 The question: "who ran ``UPDATE customers SET balance = ...`` between 02:00 and 03:00 on 24 November?",
 asked as ``dbguard audit search --table customers --column balance --op UPDATE --since ... --until ...``.
 
-1. Builds a ledger of ``--entries`` decision/connection events (default 1,000,000) over 30 days through
-   the real writer, ``SqliteLedger.append`` (hashing, index extraction, group commit, signed checkpoints
-   exactly as the proxy does), or reuses one built earlier with the same entry count and generator.
-   The events have the proxy's shape (``session._emit_decision``) with statement facts from the real
-   analyzer (``pgparse.analyze``): ~50 identities, mostly SELECTs on orders/customers, UPDATEs of several
-   tables and columns (a billing service updates ``customers.balance`` around the clock), refusals by the
-   demo policy's rules, and 20 planted balance UPDATEs by two identities between 02:00 and 03:00 on
-   2026-11-24. Background balance UPDATEs are kept out of that one hour, so the right answer is exactly
-   the planted entries.
+1. Builds a ledger of ``--entries`` entries (default 1,000,000) over 30 days through the real writer,
+   ``SqliteLedger.append`` (hashing, index extraction, group commit, signed checkpoints exactly as the
+   proxy does), or reuses one built earlier with the same entry count and generator. Entries have the
+   proxy's shape (``session._emit_decision``/``_record_completions``): statement facts from the real
+   analyzer, texts normalized to ``$n``, a read's decision carrying its completion, a write's decision
+   followed by its own completion entry, connection and disconnect entries. The traffic: ~50 identities,
+   mostly SELECTs on orders/customers, UPDATEs of several tables and columns (a billing service updates
+   ``customers.balance`` around the clock), refusals by the demo policy's rules, and 20 planted balance
+   UPDATEs by two identities between 02:00 and 03:00 on 2026-11-24. Background balance UPDATEs are kept
+   out of that one hour, so the right answer is exactly the planted entries.
 2. Asks the 2 a.m. question in-process (``search.search`` on a read-only connection, as the CLI opens it)
    and through the CLI in a subprocess (wall time, interpreter start included), a few times each, and
    checks every answer against counts kept while generating. Also times a one-hour ``--identity`` search,
@@ -28,6 +29,7 @@ Usage: .venv/bin/python bench/ledger_search.py [--entries 1000000] [--dir /tmp/d
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import itertools
@@ -52,7 +54,7 @@ sys.path.insert(0, str(ROOT / "operator"))
 from dbguard.analyze import pgparse  # noqa: E402
 from dbguard.audit import search, sqlite_sink  # noqa: E402
 
-GENERATOR_VERSION = 1  # bump when the generated ledger changes: older files are rebuilt, not reused
+GENERATOR_VERSION = 2  # bump when the generated ledger changes: older files are rebuilt, not reused
 SEED = 20261124
 CHAIN = "bench-proxy-0"
 START = datetime.datetime(2026, 10, 26, tzinfo=datetime.UTC)
@@ -143,7 +145,7 @@ ROLES: dict[str, tuple[tuple[str, ...], float, dict[str, float], str]] = {  # gr
     "copilot": (("ai-agents",), 2, {"sel_customer": 40, "sel_order": 40, "sel_join": 15, "agent_write": 5}, "simple"),
 }
 HUMAN_SHARE = 39  # the other 39 % of traffic, spread over the humans
-TOUCHES_ORDERS = "orders"
+READ_ROWS = (0, 1, 1, 1, 1, 2, 3, 5, 8, 20)  # rows a read returns
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,15 +153,18 @@ class Shape:
     """A template's pre-serialized members (as the session memoizes them) and what the writer will index."""
 
     template: Template
+    statement: bytes  # b'"statement":"..."': the text with constants replaced by $n, as the ledger keeps it
     shape: bytes
-    touches: tuple[tuple[str, str, str, str], ...]  # (operation, schema, name, col), as sqlite_sink._touches
-    durable: bool
+    touches: tuple[tuple[str, str, str, str], ...]  # (operation, schema, name, col), as writer.touches
+    write: bool  # not a plain read: durable, and its completion is an entry of its own
+    tag: str  # the command tag's verb
 
 
 def make_shapes() -> dict[str, Shape]:
     shapes = {}
     for t in TEMPLATES:
-        facts = pgparse.analyze(t.sql.format(a=1, b=1))
+        sql = t.sql.format(a=1, b=1)
+        facts = pgparse.analyze(sql)
         decision = {"action": t.action, "enforced": t.action if t.outcome == "refused" else "allow", "rule": t.rule,
                     "policy": POLICY, "reason": t.reason, "enforcement": "deny", "revision": REVISION,
                     "approval": None}
@@ -172,8 +177,9 @@ def make_shapes() -> dict[str, Shape]:
             "reason": t.reason})[1:-1]
         touches = tuple((a.operation, a.schema, a.name, col) for f in facts for a in f.actions
                         for col in (a.columns or ("",)))
-        read_only = all(a.operation == "SELECT" for f in facts for a in f.actions)
-        shapes[t.name] = Shape(t, shape, touches, durable=t.outcome == "refused" or not read_only)
+        write = t.outcome == "refused" or not all(a.operation == "SELECT" for f in facts for a in f.actions)
+        statement = b'"statement":' + orjson.dumps(pgparse.cache_key(sql))
+        shapes[t.name] = Shape(t, statement, shape, touches, write, facts[0].command)
     return shapes
 
 
@@ -227,8 +233,23 @@ def matcher(q: search.Query) -> Callable[[str, str, str, tuple[tuple[str, str, s
 # -- building the ledger ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(slots=True)
+class Session:
+    user: str
+    sid: str
+    prefix: bytes  # b'"session":...,"identity":...,"database":...,"client_addr":...' as the session builds it
+    protocol: str
+    stmt: int = 0  # decisions so far: completion entries name theirs
+
+
 class Generator:
-    """Yields (event bytes, durable) in time order, one event per time slot, and counts the answers."""
+    """Yields (event bytes, durable) in time order, one entry per time slot, and counts the answers.
+
+    Entries are what the proxy writes (session._emit_decision, _record_completions): a read's decision
+    carries its completion; a write's or a refusal's decision is durable, and a forwarded write's
+    completion is the entry in the next free slot; sessions open with a connection entry and end with a
+    disconnect entry.
+    """
 
     def __init__(self, entries: int, qs: list[Question]) -> None:
         self.n = entries
@@ -255,8 +276,8 @@ class Generator:
             weights.append(HUMAN_SHARE / len(HUMANS))
         self._add_role("ops-breakglass", ("dba", "breakglass"), {"sel_balance": 1}, "simple")
         self.cum_weights = list(_accumulate(weights))
-        self.sessions: dict[str, bytes | None] = {}
-        self.session_ids: dict[str, str] = {}
+        self.sessions: dict[str, Session | None] = {}
+        self.completions: collections.deque[tuple[Session, Shape, int]] = collections.deque()
         self.matchers = [(q.label, matcher(q.query)) for q in qs]
         self.expected = {q.label: 0 for q in qs}
         self._sec = (-1, "")
@@ -278,32 +299,36 @@ class Generator:
             self._sec = (sec, stamp)
         return f"{self._sec[1]}.{micro:06d}+00:00"
 
-    def _session(self, user: str, when: str, *, stay: bool = False) -> tuple[bytes, bytes | None]:
-        """The session's member prefix, and the connection/disconnect event this slot becomes instead.
+    def _session(self, user: str, when: str, *, stay: bool = False) -> tuple[Session, bytes | None]:
+        """The user's session, and the connection/disconnect entry this slot becomes instead.
 
         ``stay``: this slot must be a statement (a planted one): open a session quietly if there is none.
         """
-        prefix = self.sessions.get(user)
-        groups, _, _, _ = self.roles[user]
-        if prefix is None:
+        session = self.sessions.get(user)
+        if session is None:
+            groups, _, _, protocol = self.roles[user]
             sid = f"{self.rng.getrandbits(64):016x}"
             identity = {"user": user, "groups": list(groups), "source": "static", "workload": "", "end_user": ""}
             addr = f"10.0.{self.rng.randrange(256)}.{self.rng.randrange(1, 255)}:{self.rng.randrange(30000, 60000)}"
             prefix = orjson.dumps({"session": sid, "identity": identity, "database": "shop",
                                    "client_addr": addr})[1:-1]
-            self.sessions[user], self.session_ids[user] = prefix, sid
+            session = self.sessions[user] = Session(user, sid, prefix, protocol)
             event = orjson.dumps({"time": when, "kind": "connection", "session": sid, "client_addr": addr,
                                   "identity": identity, "database": "shop", "application_name": "psql",
                                   "tls": True, "authenticated": True})
-            return prefix, None if stay else event
+            return session, None if stay else event
         if stay:
-            return prefix, None
+            return session, None
         if self.rng.random() < (0.002 if user.startswith("svc-") else 0.01):
             self.sessions[user] = None
-            event = orjson.dumps({"time": when, "kind": "disconnect", "session": self.session_ids[user],
-                                  "user": user})
-            return prefix, event
-        return prefix, None
+            return session, orjson.dumps({"time": when, "kind": "disconnect", "session": session.sid, "user": user})
+        return session, None
+
+    def _completion(self, shape: Shape, stmt: int, rows: int) -> bytes:
+        tag = f"INSERT 0 {rows}" if shape.tag == "INSERT" else f"{shape.tag} {rows}"
+        return b'"completion":' + orjson.dumps({
+            "stmt": stmt, "duration_ms": round(self.rng.uniform(0.2, 6.0), 3), "tags": [tag], "rows": rows,
+            "status": "ok"})
 
     def events(self) -> Iterator[tuple[bytes, bool]]:
         rng = self.rng
@@ -314,10 +339,17 @@ class Generator:
             if k is not None:
                 user = PLANTED_USERS[0] if k < PLANTED_REFUSED + 5 else PLANTED_USERS[1]
                 name = "planted_held" if k < PLANTED_REFUSED else "planted"
-                prefix, _ = self._session(user, when, stay=True)
+                session, _ = self._session(user, when, stay=True)
+            elif self.completions:  # the server answered a forwarded write: its completion entry
+                session, shape, stmt = self.completions.popleft()
+                line = (b'{"time":"' + when.encode() + b'","kind":"completion",' + session.prefix + b","
+                        + self._completion(shape, stmt, 1) + b"}")
+                self._count(when, session.user, "", ())
+                yield line, False
+                continue
             else:
                 user = rng.choices(users, cum_weights=cum)[0]
-                prefix, other = self._session(user, when)
+                session, other = self._session(user, when)
                 if other is not None:
                     self._count(when, user, "", ())
                     yield other, False
@@ -327,12 +359,16 @@ class Generator:
                 if name in BALANCE_UPDATES and when.startswith(PLANTED_HOUR):
                     name = BALANCE_FALLBACK
             shape = self.shapes[name]
-            sql = shape.template.sql.format(a=rng.randrange(1, 200_000), b=rng.randrange(1, 9999))
-            protocol = self.roles[user][3]
-            line = (b'{"time":"' + when.encode() + b'","kind":"decision",' + prefix + b',"protocol":"'
-                    + protocol.encode() + b'","statement":' + orjson.dumps(sql) + b"," + shape.shape + b"}")
-            self._count(when, user, shape.template.rule, shape.touches)
-            yield line, shape.durable
+            session.stmt += 1
+            line = (b'{"time":"' + when.encode() + b'","kind":"decision",' + session.prefix + b',"stmt":%d'
+                    % session.stmt + b',"protocol":"' + session.protocol.encode() + b'",' + shape.statement
+                    + b"," + shape.shape)
+            if not shape.write:  # a read's decision is written once, with its completion
+                line += b"," + self._completion(shape, session.stmt, rng.choice(READ_ROWS))
+            elif shape.template.outcome == "forwarded":
+                self.completions.append((session, shape, session.stmt))
+            self._count(when, session.user, shape.template.rule, shape.touches)
+            yield line + b"}", shape.write
 
     def _count(self, when: str, user: str, rule: str, touches: tuple[tuple[str, str, str, str], ...]) -> None:
         for label, match in self.matchers:
@@ -457,6 +493,21 @@ def ask_cli(path: pathlib.Path, cli: tuple[str, ...], repeat: int) -> tuple[list
     return seconds, count
 
 
+def check_answer(path: pathlib.Path, q: search.Query) -> tuple[str, bool]:
+    """Who the 2 a.m. question names, and whether that is exactly who was planted, completions joined."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    events = search.search(conn, q)
+    conn.close()
+    who = collections.Counter((e.get("identity") or {}).get("user", "") for e in events)
+    refused = sum(e.get("outcome") == "refused" for e in events)
+    joined = sum("completion" in e for e in events)
+    text = (f"{len(events)} entries by {', '.join(f'{u} ({n})' for u, n in sorted(who.items()))}; {refused} held "
+            f"for approval, {joined} forwarded with their completion joined")
+    ok = (len(events) == PLANTED and set(who) == set(PLANTED_USERS) and refused == PLANTED_REFUSED
+          and joined == PLANTED - PLANTED_REFUSED)
+    return text, ok
+
+
 def query_plan(path: pathlib.Path, q: search.Query) -> list[str]:
     """The SQL search.search runs (captured, parameters expanded) and SQLite's plan for it."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -539,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, count = ask_cli(path, q.cli, args.repeat)
         timings.append(Timing(q.label, "CLI", seconds, count, want, q.goal))
     plans = {q.label: query_plan(path, q.query) for q in qs}
+    answer, answer_ok = check_answer(path, goal_q.query)
 
     verify_s: float | None = None
     verify_out = ""
@@ -577,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     goal_times = [statistics.median(t.seconds) for t in timings if t.goal]
     worst = max(goal_times)
     met = worst < GOAL_SECONDS
+    print(f"answer to the 2 a.m. question: {answer}")
     print(f"goal: the 2 a.m. question in under {GOAL_SECONDS:g} s at {entries:,} entries (median, CLI wall time "
           f"included): {'MET' if met else 'NOT MET'} (worst median {fmt(worst)})")
     if verify_s is not None:
@@ -589,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     wrong = [t for t in timings if not t.ok]
     for t in wrong:
         print(f"WRONG ANSWER: {t.label} via {t.how}: {t.count} entries, expected {t.expected}", file=sys.stderr)
-    if wrong:
+    if not answer_ok:
+        print(f"WRONG ANSWER: the 2 a.m. question: {answer}", file=sys.stderr)
+    if wrong or not answer_ok:
         return 1
     return 0 if met else 2
 

@@ -18,7 +18,9 @@ from tests.fix_postgres import Postgres, free_port, wait_until
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = ROOT / "examples" / "policy.yaml"
 EXAMPLE_TOKENS = ROOT / "examples" / "tokens.yaml"
-TOKENS = {"alice": "alice-dev-token", "bob": "bob-dba-token", "copilot": "copilot-agent-token"}
+EXAMPLE_MASKING = ROOT / "examples" / "masking.yaml"
+TOKENS = {"alice": "alice-dev-token", "bob": "bob-dba-token", "copilot": "copilot-agent-token",
+          "sam": "sam-support-token", "frida": "frida-fraud-token"}
 
 
 @dataclasses.dataclass

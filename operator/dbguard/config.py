@@ -97,3 +97,4 @@ class ProxySettings:
     opa_url: str = ""
     events: str = "-"  # JSON-lines decision events: "-" for stdout or a file path
     ledger: LedgerSettings = dataclasses.field(default_factory=LedgerSettings)
+    masking_key: str = ""  # file with the secret key of the `hash` masking strategy

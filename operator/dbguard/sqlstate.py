@@ -8,7 +8,8 @@ import enum
 class SqlState(str, enum.Enum):
     """A SQLSTATE; ``str(code)`` is the five-character value sent on the wire."""
 
-    INSUFFICIENT_PRIVILEGE = "42501"  # policy denials, approval required
+    INSUFFICIENT_PRIVILEGE = "42501"  # policy denials, approval required, masking lineage
+    OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"  # masking catalog unavailable
     SYNTAX_ERROR = "42601"  # the statement does not parse
     FEATURE_NOT_SUPPORTED = "0A000"  # a statement kind or message dbguard does not understand
     QUERY_CANCELED = "57014"  # policy evaluation timed out

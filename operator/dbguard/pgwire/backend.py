@@ -19,6 +19,7 @@ _HEADER = struct.Struct("!ci")
 _LEN = struct.Struct("!i")
 
 MAX_BACKEND_CONTROL_MESSAGE = 1024 * 1024  # an ErrorResponse or ParameterStatus is never this large
+MAX_DATA_ROW = 1024 * 1024 * 1024  # PostgreSQL's own limit on one message; masking holds a row whole
 
 # ErrorResponse, ReadyForQuery, ParameterStatus, CommandComplete, PortalSuspended, EmptyQueryResponse.
 WATCHED = frozenset(b"EZSCsI")
@@ -60,12 +61,19 @@ WatchCallback = Callable[[int, bytes], "bytes | None"]
 class BackendRelay:
     """Frames server output on its way to the client; see the module docstring."""
 
-    __slots__ = ("_on_watched", "_pending", "_skip")
+    __slots__ = ("_max", "_on_watched", "_pending", "_skip", "_watched")
 
     def __init__(self, on_watched: WatchCallback) -> None:
         self._on_watched = on_watched
+        self._watched = WATCHED
+        self._max = MAX_BACKEND_CONTROL_MESSAGE
         self._pending = b""  # an incomplete watched message (or header) held back
         self._skip = 0  # bytes of a pass-through message still to come
+
+    def watch_rows(self) -> None:
+        """Also hand over RowDescription, NoData and every DataRow (whole): for masking."""
+        self._watched = WATCHED | frozenset(b"TnD")
+        self._max = MAX_DATA_ROW
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes to send to the client now."""
@@ -91,8 +99,8 @@ class BackendRelay:
             if length < 4:
                 raise RemoteProtocolError(f"server sent an invalid message length {length}")
             end = pos + 1 + length
-            if type_code in WATCHED:
-                if length > MAX_BACKEND_CONTROL_MESSAGE:
+            if type_code in self._watched:
+                if length > self._max:
                     raise RemoteProtocolError(f"server sent a {chr(type_code)!r} message of {length} bytes")
                 if end > n:
                     self._pending = data[pos:]

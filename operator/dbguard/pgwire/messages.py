@@ -228,6 +228,15 @@ def encode_bind(*, statement: str, portal: str = "", params: Iterable[bytes | No
     return _msg(b"B", b"".join(parts))
 
 
+def encode_describe(kind: str, name: str) -> bytes:
+    return _msg(b"D", kind.encode() + _cstr(name))
+
+
+def encode_error_fields(type_code: bytes, fields: dict[str, str]) -> bytes:
+    """An ErrorResponse/NoticeResponse with exactly these fields (as decode_error_fields returns them)."""
+    return _msg(type_code, b"".join(k.encode() + _cstr(v) for k, v in fields.items()) + b"\x00")
+
+
 def encode_sync() -> bytes:
     return _msg(b"S", b"")
 

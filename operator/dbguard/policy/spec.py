@@ -137,7 +137,8 @@ class MaskRule:
     columns: tuple[str, ...]
     strategy: str
     options: dict[str, Any]
-    except_groups: tuple[str, ...] = ()
+    except_groups: tuple[str, ...] = ()  # these groups see clear text
+    only_groups: tuple[str, ...] = ()  # the rule applies only to these groups (empty: to everyone)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -318,7 +319,8 @@ def _rule(ctx: _Ctx, r: Any, i: int, line: int) -> Rule:
 
 def _mask(ctx: _Ctx, m: Any, i: int, line: int) -> MaskRule:
     where = f"spec.masking[{i}]"
-    _check_keys(ctx, m, {"columns", "strategy", "options", "except"}, where, line, required=("columns", "strategy"))
+    _check_keys(ctx, m, {"columns", "strategy", "options", "except", "identities"}, where, line,
+                required=("columns", "strategy"))
     line = _line(m, line)
     strategy = m["strategy"]
     if strategy not in MASK_STRATEGIES:
@@ -329,8 +331,14 @@ def _mask(ctx: _Ctx, m: Any, i: int, line: int) -> MaskRule:
     exc = m.get("except", {})
     _check_keys(ctx, exc, {"groups"}, f"{where}.except", line)
     groups = _str_list(ctx, exc["groups"], f"{where}.except.groups", line) if "groups" in exc else ()
+    who = m.get("identities", {})
+    _check_keys(ctx, who, {"groups"}, f"{where}.identities", line)
+    only = _str_list(ctx, who["groups"], f"{where}.identities.groups", line) if "groups" in who else ()
+    for key, value in options.items():
+        if key in ("keepFirst", "keepLast", "length") and (not isinstance(value, int) or value < 0):
+            raise ctx.fail(line, f"{where}.options.{key}", "expected a non-negative integer")
     return MaskRule(columns=_str_list(ctx, m["columns"], f"{where}.columns", line, pattern=_COLUMN),
-                    strategy=strategy, options=dict(options), except_groups=groups)
+                    strategy=strategy, options=dict(options), except_groups=groups, only_groups=only)
 
 
 def parse_policy(doc: Any, source: str) -> Policy:

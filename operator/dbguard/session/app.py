@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
+import secrets
 import socket
 import sqlite3
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -13,6 +16,9 @@ from dbguard.config import ProxySettings
 from dbguard.errors import ConfigError
 from dbguard.identity.static import StaticTokens
 from dbguard.session.server import Proxy
+
+if TYPE_CHECKING:
+    from dbguard.masking.guard import MaskGuard
 
 
 def build_decider(settings: ProxySettings):  # noqa: ANN201 - the policy package's Decider
@@ -57,7 +63,36 @@ def build_ledger(settings: ProxySettings) -> LedgerWriter | None:
         raise ConfigError(f"--ledger {settings.ledger.path}: {exc}") from exc
 
 
+def build_masking(settings: ProxySettings) -> MaskGuard | None:
+    """The masking rules of the policies, or None when no policy masks anything."""
+    from dbguard.masking.catalog import Catalog
+    from dbguard.masking.guard import MaskGuard
+    from dbguard.masking.rules import MaskPolicy
+    from dbguard.policy import spec
+
+    policies = spec.load_policies(list(settings.policy_files))
+    policy = MaskPolicy(policies)
+    if not policy:
+        return None
+    uses_hash = any(rule.strategy == "hash" for p in policies for rule in p.masking)
+    if settings.masking_key:
+        try:
+            key = pathlib.Path(settings.masking_key).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"--masking-key: {exc.strerror}: {settings.masking_key}") from exc
+        if len(key) < 16:
+            raise ConfigError("--masking-key: the key must be at least 16 bytes")
+    elif uses_hash:
+        raise ConfigError("a masking rule uses the hash strategy: give its secret key with --masking-key FILE "
+                          "(the same key on every proxy, so hashed values line up)")
+    else:
+        key = secrets.token_bytes(32)  # unused: no rule hashes
+    return MaskGuard(policy, Catalog(settings.upstream, policy.column_names), key)
+
+
 def build_proxy(settings: ProxySettings) -> Proxy:
     tokens = StaticTokens.load(settings.identity.tokens_file) if settings.identity.mode == "token" else None
+    decider = build_decider(settings)
+    masking = build_masking(settings)
     events = EventSink.open(settings.events, ledger=build_ledger(settings))
-    return Proxy(settings, decider=build_decider(settings), events=events, tokens=tokens)
+    return Proxy(settings, decider=decider, events=events, tokens=tokens, masking=masking)

@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ed25519 private key that signs checkpoints (dbguard audit keygen)")
     p.add_argument("--ledger-synchronous", default="NORMAL", choices=("NORMAL", "FULL"),
                    help="NORMAL survives a killed proxy; FULL also a power loss (default NORMAL)")
+    p.add_argument("--masking-key", default="", metavar="FILE",
+                   help="secret key of the hash masking strategy (at least 16 bytes; the same on every proxy)")
     p.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--max-message-size", type=int, default=64 * 1024 * 1024, metavar="BYTES",
@@ -118,6 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         events=args.events,
         ledger=LedgerSettings(path=args.ledger, chain=args.ledger_chain, signing_key=args.ledger_signing_key,
                               synchronous=args.ledger_synchronous),
+        masking_key=args.masking_key,
     )
 
 

@@ -28,6 +28,7 @@ class Pending:
     ended: float = 0.0
     closed: bool = False
     interrupted: bool = False
+    portal: str = ""  # an Execute's portal: its DataRows are masked by the portal's plan
 
     def fields(self) -> dict[str, Any]:
         end = self.ended or time.monotonic()
@@ -91,6 +92,10 @@ class CompletionTracker:
             if not p.closed and p.error is None:
                 return p
         return None
+
+    def current(self) -> Pending | None:
+        """The statement whose results the server is sending now."""
+        return self._front()
 
     def command_complete(self, tag: str) -> None:
         p = self._front()

@@ -12,6 +12,7 @@ from typing import Any
 from dbguard.audit.events import EventSink
 from dbguard.config import ProxySettings
 from dbguard.identity.static import StaticTokens
+from dbguard.masking.guard import MaskGuard
 from dbguard.metrics import ProxyStats
 from dbguard.session import upstream
 from dbguard.session.guard import FactsCache
@@ -32,13 +33,14 @@ class Proxy:
     """Shared state of one proxy process."""
 
     def __init__(self, settings: ProxySettings, *, decider: Any, events: EventSink,
-                 tokens: StaticTokens | None) -> None:
+                 tokens: StaticTokens | None, masking: MaskGuard | None = None) -> None:
         self.settings = settings
         self.decider = decider
         self.events = events
         self.tokens = tokens
         self.facts_cache = FactsCache()
         self.stats = ProxyStats()
+        self.masking: MaskGuard | None = masking
         self.sessions: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], tuple[ClientSession, int, int]] = {}
         self.tls_context = (make_tls_context(settings.listen.tls_cert, settings.listen.tls_key)

@@ -10,6 +10,7 @@ pipelined statements, and the client's transaction status always matches the ser
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime
 import logging
@@ -19,12 +20,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import psycopg
 
 from dbguard.analyze import facts as F
 from dbguard.audit.events import EventKind, iso_time
 from dbguard.audit.writer import LedgerUnavailable
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
+from dbguard.masking.catalog import IdentityMasks
+from dbguard.masking.rows import MaskPlan, mask_data_row, parse_row_description, plan_for
+from dbguard.masking.rules import MaskSet
+from dbguard.masking.strategies import redact_detail
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
 from dbguard.session import upstream
@@ -84,6 +90,12 @@ class ClientSession(asyncio.Protocol):
         self._client_paused = False
         self._event_prefix = b""
         self._cut_after: bytes | None = None  # a FATAL relayed in the server's stream: nothing follows it
+        # masking (only for identities with masks): see dbguard.masking
+        self.mask_set: MaskSet | None = None
+        self._masks: IdentityMasks | None = None  # resolved against the catalog at the latest statement
+        self._describes: collections.deque[tuple[str | None, bool, int]] = collections.deque()  # portal, ours, sync
+        self._portal_plans: dict[str, MaskPlan] = {}
+        self._query_plan: MaskPlan | None = None  # the simple-protocol result being relayed
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -320,6 +332,10 @@ class ClientSession(asyncio.Protocol):
         rest = conn.protocol.reader.take_rest()
         conn.protocol.on_data = self._on_upstream_data
         assert self.principal is not None
+        if self.proxy.masking is not None:
+            self.mask_set = self.proxy.masking.for_principal(self.principal)
+            if self.mask_set is not None:
+                self.relay.watch_rows()
         self.guard = Guard(decider=self.proxy.decider, cache=self.proxy.facts_cache, principal=self.principal,
                            session={"database": self.settings.upstream.database, "user": self.params.get("user", ""),
                                     "application_name": self.params.get("application_name", ""),
@@ -379,9 +395,14 @@ class ClientSession(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
+        if type_code == 0x44:  # 'D' DataRow: watched only when this identity has masks
+            return self._mask_row(payload)
         if type_code == 0x43:  # 'C' CommandComplete
             self.completions.command_complete(payload[:-1].decode("ascii", "replace"))
+            self._query_plan = None
             return None
+        if type_code == 0x54 or type_code == 0x6E:  # 'T' RowDescription, 'n' NoData (masking only)
+            return self._on_row_description(type_code, payload)
         if type_code == 0x5A:  # 'Z' ReadyForQuery
             status = chr(payload[0]) if payload else "I"
             self._rfq_seen += 1
@@ -392,6 +413,9 @@ class ClientSession(asyncio.Protocol):
                 self.guard.update(in_transaction=status != "I")
             if status == "I":
                 self._portals.clear()  # portals do not outlive their transaction
+                self._portal_plans.clear()
+            while self._describes and self._describes[0][2] <= self._rfq_seen:
+                self._describes.popleft()  # skipped after an error
             if self._markers:
                 for name in [n for n, (_, sync_no) in self._markers.items() if sync_no <= self._rfq_seen]:
                     del self._markers[name]
@@ -407,6 +431,10 @@ class ClientSession(asyncio.Protocol):
             fields = m.decode_error_fields(payload)
             if fields.get("S") in ("ERROR", "FATAL", "PANIC"):
                 self.completions.error(fields.get("C", ""), fields.get("M", ""))
+            if self.mask_set is not None and "D" in fields:
+                # "Key (ssn)=(123-45-6789) already exists.": the server quotes values in details
+                fields["D"] = redact_detail(fields["D"])
+                return m.encode_error_fields(b"E", fields)
             return None
         if type_code == 0x73 or type_code == 0x49:  # 's' PortalSuspended, 'I' EmptyQueryResponse
             self.completions.command_complete("")
@@ -427,6 +455,56 @@ class ClientSession(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._fatal, "42501", message)
                 return self._cut_after
         return None
+
+    def _on_row_description(self, type_code: int, payload: bytes) -> bytes | None:
+        front = self._describes[0] if self._describes else None
+        plan = plan_for(parse_row_description(payload), self._masks) if (
+            type_code == 0x54 and self._masks is not None) else MaskPlan((), ())
+        if front is not None and front[2] == self._rfq_seen + 1:  # the answer to a Describe
+            self._describes.popleft()
+            portal, ours, _ = front
+            if portal is not None:
+                self._portal_plans[portal] = plan
+            return b"" if ours else None
+        self._query_plan = plan  # a simple Query's result
+        return None
+
+    def _mask_row(self, payload: bytes) -> bytes | None:
+        current = self.completions.current()
+        if current is not None and not current.until_ready:
+            plan = self._portal_plans.get(current.portal)
+        else:
+            plan = self._query_plan
+        if plan is None:
+            return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
+                                                  "this result are masked, and will not pass them unmasked")
+        if not plan:
+            return None
+        assert self.proxy.masking is not None
+        return mask_data_row(payload, plan, self.proxy.masking.hash_key)
+
+    def _fatal_in_stream(self, sqlstate: str, message: str) -> bytes:
+        """Close the session with a FATAL relayed in place of the current server message."""
+        log.error("session %s: %s", self.session_id, message)
+        self._cut_after = m.encode_error(sqlstate=sqlstate, message=message, severity="FATAL")
+        asyncio.get_running_loop().call_soon(self._fatal, sqlstate, message)
+        return self._cut_after
+
+    async def _mask_check(self, sql: str) -> Refusal | None:
+        """Refuse what could carry a masked value to the client in a form dbguard cannot mask."""
+        assert self.proxy.masking is not None and self.mask_set is not None
+        try:
+            self._masks, reason = await self.proxy.masking.check(self.mask_set, sql)
+        except (psycopg.Error, OSError) as exc:
+            log.error("session %s: masking catalog unavailable: %s", self.session_id, exc)
+            return Refusal(sqlstate=SqlState.OBJECT_NOT_IN_PREREQUISITE_STATE, rule="dbguard:masking-unavailable",
+                           message="dbguard refused the statement: it cannot read the catalog it needs to mask "
+                                   "this identity's columns right now")
+        if reason is None:
+            return None
+        return Refusal(sqlstate=SqlState.INSUFFICIENT_PRIVILEGE, rule="dbguard:mask-lineage",
+                       message=f"dbguard refused the statement: {reason}",
+                       hint="masked columns may be selected as plain columns; they are masked in the result")
 
     # -- client -> server --------------------------------------------------------------------------
 
@@ -497,7 +575,7 @@ class ClientSession(asyncio.Protocol):
         _, stmt, deferred = portal
         if deferred is not None:  # the first Execute writes the read's decision; later pieces add completions
             self._portals[msg.portal] = (portal[0], stmt, None)
-        self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred))
+        self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
         self._out += msg.raw
         return None
 
@@ -514,6 +592,8 @@ class ClientSession(asyncio.Protocol):
             state = SqlState.INVALID_SQL_STATEMENT_NAME if msg.kind == "S" else SqlState.INVALID_CURSOR_NAME
             what = "prepared statement" if msg.kind == "S" else "portal"
             return self._refuse_protocol(state, f"dbguard refused Describe: {what} {msg.name!r} is unknown to dbguard")
+        if self.mask_set is not None:
+            self._describes.append((msg.name if msg.kind == "P" else None, False, self._syncs_sent + 1))
         self._out += msg.raw
         return None
 
@@ -566,7 +646,7 @@ class ClientSession(asyncio.Protocol):
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
-        verdict = self.guard.judge_fast(statements, now)
+        verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
         if verdict is None:
             return self._run_async(self._query_slow(msg, statements, normalized, now))
         return self._apply_query(msg, verdict, normalized, now)
@@ -575,6 +655,12 @@ class ClientSession(asyncio.Protocol):
                           now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
+        if verdict.refusal is None and self.mask_set is not None:
+            refusal = await self._mask_check(normalized)
+            if refusal is not None:
+                self._refuse_and_log(refusal, normalized, sync=True)
+                self._flush()
+                return
         future = self._emit_decision(verdict, normalized, "simple", now)
         if future is not None:
             await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
@@ -709,7 +795,7 @@ class ClientSession(asyncio.Protocol):
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
-        verdict = self.guard.judge_fast(statements, now)
+        verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
         if verdict is None:
             return self._run_async(self._bind_slow(msg, statements, now))
         return self._apply_bind(msg, verdict, now)
@@ -717,6 +803,15 @@ class ClientSession(asyncio.Protocol):
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
+        if verdict.refusal is None and self.mask_set is not None:
+            text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
+            refusal = await self._mask_check(text)
+            if refusal is not None:
+                self._discard_until_sync = True
+                self._portals.pop(msg.portal, None)
+                self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
+                self._flush()
+                return
         future = self._emit_bind_decision(verdict, now)
         if future is not None:
             await self._await_commit(future, lambda failed: self._finish_bind(msg, verdict, failed))
@@ -746,6 +841,10 @@ class ClientSession(asyncio.Protocol):
         self._decided = (0, None)
         self._portals[msg.portal] = (verdict.statements, stmt, deferred)
         self._out += msg.raw
+        if self.mask_set is not None:  # learn the portal's columns and formats: DataRows are masked by them
+            self._portal_plans.pop(msg.portal, None)
+            self._out += m.encode_describe("P", msg.portal)
+            self._describes.append((msg.portal, True, self._syncs_sent + 1))
         return None
 
 

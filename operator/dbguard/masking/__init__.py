@@ -1,0 +1,1 @@
+"""Dynamic masking: which output columns hold masked data, and what the client gets instead."""

@@ -1,0 +1,189 @@
+"""What the governed database looks like, as far as masking needs: read from its catalog.
+
+One snapshot per proxy: every relation (to tell known tables from new ones), the attributes whose
+names any masking rule mentions (table OID + attribute number: what RowDescription reports), which
+views read which columns (through their rewrite rules), and the names of functions defined
+outside the system catalog. It is refreshed after DDL passes through the proxy, when a statement
+names a relation the snapshot does not know, and every ``max_age`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+
+import psycopg
+
+from dbguard.config import UpstreamSettings
+from dbguard.masking.rules import ColumnMask, MaskSet
+
+log = logging.getLogger("dbguard.masking")
+
+_RELATIONS = """
+SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+"""
+_ATTRIBUTES = """
+SELECT a.attrelid, a.attnum, a.attname, a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attname = ANY(%s)
+"""
+_VIEW_DEPENDENCIES = """
+SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+WHERE d.refobjid <> r.ev_class
+"""
+_USER_FUNCTIONS = """
+SELECT DISTINCT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    kind: str  # r table, p partitioned, v view, m materialized view, f foreign table
+
+
+@dataclasses.dataclass(slots=True)
+class Snapshot:
+    relations: dict[int, Relation]
+    by_name: dict[str, list[Relation]]  # relname -> relations of that name in any schema
+    attributes: dict[tuple[int, int], tuple[str, int]]  # (relation oid, attnum) -> (column, type oid)
+    columns_of: dict[int, dict[str, int]]  # relation oid -> {column: attnum}, candidate columns only
+    view_deps: dict[int, set[tuple[int, int]]]  # view oid -> (relation oid, attnum) its rules read; 0 = whole row
+    user_functions: frozenset[str]
+    version: int
+    taken: float
+
+
+class IdentityMasks:
+    """One identity's masks resolved against one snapshot: what the wire and the checker consult."""
+
+    def __init__(self, masks: MaskSet, snap: Snapshot) -> None:
+        self.masks = masks
+        self.snapshot = snap
+        self.by_attribute: dict[tuple[int, int], tuple[ColumnMask, int]] = {}
+        masked_rel: dict[int, set[str]] = {}
+        for (oid, attnum), (column, typ) in snap.attributes.items():
+            rel = snap.relations.get(oid)
+            if rel is None:
+                continue
+            mask = masks.lookup(rel.schema, rel.name, column)
+            if mask is not None:
+                self.by_attribute[(oid, attnum)] = (mask, typ)
+                masked_rel.setdefault(oid, set()).add(column)
+        self.masked_relations = {oid: frozenset(cols) for oid, cols in masked_rel.items()}
+        self._views = self._views_reaching(snap)
+
+    def _views_reaching(self, snap: Snapshot) -> set[int]:
+        reaching: set[int] = set()
+        changed = True
+        while changed:  # views over views: until nothing new
+            changed = False
+            for view, deps in snap.view_deps.items():
+                if view in reaching:
+                    continue
+                for oid, attnum in deps:
+                    if (oid, attnum) in self.by_attribute or oid in reaching or (
+                            attnum == 0 and oid in self.masked_relations):
+                        reaching.add(view)
+                        changed = True
+                        break
+        return reaching
+
+    def _relations(self, schema: str | None, name: str) -> Iterable[Relation]:
+        return [r for r in self.snapshot.by_name.get(name, ()) if schema is None or r.schema == schema]
+
+    def masked_columns(self, schema: str | None, name: str) -> frozenset[str]:
+        out: set[str] = set()
+        for rel in self._relations(schema, name):
+            out |= self.masked_relations.get(rel.oid, frozenset())
+        return frozenset(out)
+
+    def view_reaches_masked(self, schema: str | None, name: str) -> bool:
+        return any(rel.oid in self._views for rel in self._relations(schema, name))
+
+    def is_user_function(self, name: str) -> bool:
+        return name in self.snapshot.user_functions
+
+    def knows(self, schema: str | None, name: str) -> bool:
+        return bool(list(self._relations(schema, name)))
+
+
+class Catalog:
+    """The proxy's catalog snapshot and its refreshes (one at a time; callers share the result)."""
+
+    def __init__(self, upstream: UpstreamSettings, column_names: frozenset[str], *, max_age: float = 30.0) -> None:
+        self._upstream = upstream
+        self._columns = sorted(column_names)
+        self.max_age = max_age
+        self.snapshot: Snapshot | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._version = 0
+        self._resolved: dict[tuple[int, int], IdentityMasks] = {}
+        self.stale = True
+
+    def _conninfo(self) -> dict[str, object]:
+        u = self._upstream
+        info: dict[str, object] = {"host": u.host, "port": u.port, "dbname": u.database, "user": u.user,
+                                   "password": u.password, "sslmode": u.sslmode,
+                                   "connect_timeout": max(1, int(u.connect_timeout)),
+                                   "application_name": "dbguard-catalog"}
+        if u.sslrootcert:
+            info["sslrootcert"] = u.sslrootcert
+        return info
+
+    async def _load(self) -> Snapshot:
+        async with await psycopg.AsyncConnection.connect(**self._conninfo(), autocommit=True) as conn:
+            rels = {oid: Relation(oid, nsp, name, kind) for oid, nsp, name, kind in
+                    await (await conn.execute(_RELATIONS)).fetchall()}
+            attrs = {(oid, num): (name, typ) for oid, num, name, typ in
+                     await (await conn.execute(_ATTRIBUTES, (self._columns,))).fetchall()}
+            deps: dict[int, set[tuple[int, int]]] = {}
+            for view, oid, attnum in await (await conn.execute(_VIEW_DEPENDENCIES)).fetchall():
+                deps.setdefault(view, set()).add((oid, attnum))
+            funcs = frozenset(name for (name,) in await (await conn.execute(_USER_FUNCTIONS)).fetchall())
+        by_name: dict[str, list[Relation]] = {}
+        for rel in rels.values():
+            by_name.setdefault(rel.name, []).append(rel)
+        columns_of: dict[int, dict[str, int]] = {}
+        for (oid, num), (name, _) in attrs.items():
+            columns_of.setdefault(oid, {})[name] = num
+        self._version += 1
+        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, self._version, time.monotonic())
+
+    async def current(self) -> Snapshot:
+        """The snapshot, refreshed first if it is stale or too old."""
+        snap = self.snapshot
+        if snap is None or self.stale or time.monotonic() - snap.taken > self.max_age:
+            await self.refresh()
+        assert self.snapshot is not None
+        return self.snapshot
+
+    async def refresh(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        self.stale = False
+        try:
+            self.snapshot = await self._load()
+        except BaseException:
+            self.stale = True
+            raise
+        self._resolved.clear()
+        log.debug("catalog snapshot %d: %d relations, %d candidate columns", self.snapshot.version,
+                  len(self.snapshot.relations), len(self.snapshot.attributes))
+
+    def resolve(self, masks: MaskSet, snap: Snapshot) -> IdentityMasks:
+        key = (id(masks), snap.version)
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolved[key] = IdentityMasks(masks, snap)
+        return found

@@ -1,0 +1,61 @@
+"""The proxy's masking: per-identity masks, the catalog, and the cached lineage verdict per statement."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import pglast
+
+from dbguard.identity.principal import Principal
+from dbguard.masking import lineage
+from dbguard.masking.catalog import Catalog, IdentityMasks
+from dbguard.masking.rules import MaskPolicy, MaskSet
+
+MAX_CACHED = 20_000
+
+
+class MaskGuard:
+    """Shared by all sessions of one proxy."""
+
+    def __init__(self, policy: MaskPolicy, catalog: Catalog, hash_key: bytes) -> None:
+        self.policy = policy
+        self.catalog = catalog
+        self.hash_key = hash_key
+        self._verdicts: OrderedDict[tuple[str, int], str | None] = OrderedDict()
+
+    def for_principal(self, principal: Principal) -> MaskSet | None:
+        """The identity's masks, or None when it sees every column in clear."""
+        masks = self.policy.for_groups(principal.groups)
+        return masks if masks else None
+
+    async def check(self, masks: MaskSet, sql: str) -> tuple[IdentityMasks, str | None]:
+        """The identity's resolved masks and, if the statement could leak or probe a masked value, why."""
+        snap = await self.catalog.current()
+        resolved = self.catalog.resolve(masks, snap)
+        key = (sql, id(resolved))
+        if key in self._verdicts:
+            return resolved, self._verdicts[key]
+        statements = pglast.parse_sql(sql)
+        if (time.monotonic() - snap.taken > 1.0 and self._names_unknown_relation(statements, resolved)):
+            await self.catalog.refresh()  # created since the snapshot, perhaps outside dbguard
+            resolved = self.catalog.resolve(masks, self.catalog.snapshot)  # type: ignore[arg-type]
+            key = (sql, id(resolved))
+        schema = lineage.Schema(resolved.masked_columns, resolved.view_reaches_masked, resolved.is_user_function)
+        reason = None
+        try:
+            for raw in statements:
+                lineage.check(raw.stmt, schema)
+        except lineage.Refused as exc:
+            reason = str(exc)
+        self._verdicts[key] = reason
+        if len(self._verdicts) > MAX_CACHED:
+            self._verdicts.popitem(last=False)
+        return resolved, reason
+
+    @staticmethod
+    def _names_unknown_relation(statements: tuple, resolved: IdentityMasks) -> bool:
+        for node in lineage._nodes(statements):  # noqa: SLF001 - same package
+            if isinstance(node, pglast.ast.RangeVar) and not resolved.knows(node.schemaname, node.relname):
+                return True
+        return False

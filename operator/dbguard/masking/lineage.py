@@ -1,0 +1,167 @@
+"""Can a masked value reach the client unmasked? Decided on the statement's parse tree, before it runs.
+
+The server tells dbguard the origin (table OID, attribute number) of an output column only when
+the column is a plain column reference; dbguard masks those on the wire. Everything else is
+proven here or refused:
+
+- A masked column may appear only as a plain column of the top-level SELECT's output
+  (``SELECT email``, ``c.email``, ``*``, ``c.*``) over plain tables and joins. Any other use —
+  in an expression, cast, function, aggregate, JSON builder, WHERE, JOIN condition, ORDER BY,
+  GROUP BY, DISTINCT ON, set operation, CTE, subquery, RETURNING, or a source of INSERT ... SELECT
+  / CREATE TABLE AS — is refused: it would either leak the value or probe it (``WHERE ssn LIKE
+  '1%'``).
+- A whole-row reference to a table with masked columns (``to_jsonb(c)``, ``row_to_json(c)``) is
+  refused.
+- Views and materialized views that read masked columns, functions defined outside the system
+  catalog (dbguard cannot see what they return), data-exposing builtins (``query_to_xml``) and
+  catalog views that hold column values (``pg_stats``) are refused.
+- COPY of a table with masked columns, or of a query that names one, is refused (COPY data does
+  not carry a RowDescription to mask by).
+
+Unqualified names are resolved conservatively: a column name that any table in the statement
+masks counts as masked. The checker says why it refuses; it never guesses that something is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pglast import ast, enums
+
+from dbguard.analyze.pgparse import DANGEROUS_FUNCTIONS
+
+# Catalog views and tables that show column values (most common values, histograms, extended stats).
+VALUE_EXPOSING_CATALOG = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+                                    "pg_statistic_ext_data"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Schema:
+    """What the checker needs to know about the database, for one identity."""
+
+    masked_columns: Callable[[str | None, str], frozenset[str]]  # (schema or None, table) -> masked column names
+    view_reaches_masked: Callable[[str | None, str], bool]  # a view/matview that reads masked columns
+    is_user_function: Callable[[str], bool]  # defined outside pg_catalog: its result cannot be traced
+
+
+class Refused(Exception):
+    """A masked column could reach the client in a form dbguard cannot mask."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Table:
+    schema: str | None
+    name: str
+    alias: str | None
+    masked: frozenset[str]
+
+
+def _children(node: ast.Node) -> Iterator[Any]:
+    for name in node:
+        value = getattr(node, name)
+        if isinstance(value, ast.Node | tuple | list):
+            yield value
+
+
+def _nodes(value: Any) -> Iterator[ast.Node]:
+    if isinstance(value, tuple | list):
+        for item in value:
+            yield from _nodes(item)
+    elif isinstance(value, ast.Node):
+        yield value
+        for child in _children(value):
+            yield from _nodes(child)
+
+
+def _names(fields: tuple) -> list[str | None]:
+    return [f.sval if isinstance(f, ast.String) else None for f in fields]  # None = A_Star
+
+
+def _plain_outputs(stmt: ast.Node) -> set[int]:
+    """ids of the ColumnRefs the server reports with their origin: the top-level SELECT's plain columns."""
+    if isinstance(stmt, ast.DeclareCursorStmt | ast.PrepareStmt | ast.ExplainStmt):
+        stmt = stmt.query  # FETCH and EXECUTE describe their rows like the query itself
+    if not isinstance(stmt, ast.SelectStmt) or stmt.op != enums.SetOperation.SETOP_NONE:
+        return set()
+    if stmt.withClause is not None or stmt.valuesLists or stmt.intoClause is not None:
+        return set()
+    if not all(_plain_from(item) for item in stmt.fromClause or ()):
+        return set()
+    return {id(t.val) for t in stmt.targetList or () if isinstance(t.val, ast.ColumnRef)}
+
+
+def _plain_from(item: Any) -> bool:
+    if isinstance(item, ast.RangeVar):
+        return True
+    if isinstance(item, ast.JoinExpr):
+        return _plain_from(item.larg) and _plain_from(item.rarg)
+    return False
+
+
+def check(stmt: ast.Node, schema: Schema) -> None:
+    """Raise ``Refused`` (with the reason) when a masked value could leave unmasked or be probed."""
+    nodes = list(_nodes(stmt))
+    ctes = {c.ctename for n in nodes if isinstance(n, ast.WithClause) for c in n.ctes or ()}
+    tables: list[_Table] = []
+    for n in nodes:
+        if isinstance(n, ast.RangeVar) and not (n.schemaname is None and n.relname in ctes):
+            name = n.relname
+            if name in VALUE_EXPOSING_CATALOG:
+                raise Refused(f"{name} shows column values, and this identity has masked columns")
+            if schema.view_reaches_masked(n.schemaname, name):
+                raise Refused(f"{name} is a view over masked columns; query the table itself")
+            tables.append(_Table(n.schemaname, name, n.alias.aliasname if n.alias else None,
+                                 schema.masked_columns(n.schemaname, name)))
+    masking = [t for t in tables if t.masked]
+    for n in nodes:
+        if isinstance(n, ast.FuncCall):
+            fname = n.funcname[-1].sval
+            if fname in DANGEROUS_FUNCTIONS or fname.endswith("_to_xml") or "to_xml" in fname:
+                raise Refused(f"{fname}() can expose any table's values, and this identity has masked columns")
+            if schema.is_user_function(fname):
+                raise Refused(f"{fname}() is defined in the database; dbguard cannot see whether it returns "
+                              "masked values")
+    if not masking:
+        return
+    if isinstance(stmt, ast.CopyStmt):
+        raise Refused(f"COPY of {masking[0].name}, which has masked columns, cannot be masked; "
+                      "use SELECT")
+    plain = _plain_outputs(stmt)
+    for n in nodes:
+        if isinstance(n, ast.ColumnRef) and id(n) not in plain:
+            _check_ref(_names(n.fields), masking, tables)
+        elif isinstance(n, ast.JoinExpr):
+            if n.isNatural:
+                raise Refused("a NATURAL JOIN with a table that has masked columns compares them")
+            for f in n.usingClause or ():
+                _check_ref([f.sval], masking, tables)
+
+
+def _matches(t: _Table, qualifier: str) -> bool:
+    return qualifier in (t.alias, t.name) if t.alias is None else qualifier == t.alias
+
+
+def _check_ref(names: list[str | None], masking: list[_Table], tables: list[_Table]) -> None:
+    column = names[-1]
+    qualifier = names[-2] if len(names) >= 2 else None
+    if qualifier is None:
+        if column is None:  # a bare * outside the plain output: every column, masked ones included
+            raise Refused(f"* over {masking[0].name}, which has masked columns, is used where it cannot be masked")
+        for t in masking:
+            if column in t.masked:
+                raise Refused(f"{t.name}.{column} is masked and cannot be used in an expression, predicate, "
+                              "ordering or grouping")
+            if column == (t.alias or t.name):
+                raise Refused(f"the whole row of {t.name} includes masked columns")
+        return
+    candidates = [t for t in masking if _matches(t, qualifier)]
+    if not candidates and not any(_matches(t, qualifier) for t in tables):
+        candidates = masking  # a CTE, subquery or function alias: it may carry any masked column
+    for t in candidates:
+        if column is None:
+            raise Refused(f"{qualifier}.* includes masked columns of {t.name} where they cannot be masked")
+        if column in t.masked:
+            raise Refused(f"{t.name}.{column} is masked and cannot be used in an expression, predicate, "
+                          "ordering or grouping")
