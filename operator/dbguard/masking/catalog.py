@@ -23,7 +23,7 @@ from dbguard.masking.rules import ColumnMask, MaskSet
 log = logging.getLogger("dbguard.masking")
 
 _RELATIONS = """
-SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relnatts FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
 """
 _ATTRIBUTES = """
@@ -47,6 +47,7 @@ class Relation:
     schema: str
     name: str
     kind: str  # r table, p partitioned, v view, m materialized view, f foreign table
+    natts: int  # columns when the snapshot was taken: a higher attribute number is newer than the snapshot
 
 
 @dataclasses.dataclass(slots=True)
@@ -111,6 +112,11 @@ class IdentityMasks:
     def is_user_function(self, name: str) -> bool:
         return name in self.snapshot.user_functions
 
+    def knows_attribute(self, table_oid: int, attnum: int) -> bool:
+        """False for a column of a relation created or altered after the snapshot."""
+        rel = self.snapshot.relations.get(table_oid)
+        return rel is not None and attnum <= rel.natts
+
     def knows(self, schema: str | None, name: str) -> bool:
         return bool(list(self._relations(schema, name)))
 
@@ -140,7 +146,7 @@ class Catalog:
 
     async def _load(self) -> Snapshot:
         async with await psycopg.AsyncConnection.connect(**self._conninfo(), autocommit=True) as conn:
-            rels = {oid: Relation(oid, nsp, name, kind) for oid, nsp, name, kind in
+            rels = {oid: Relation(oid, nsp, name, kind, natts) for oid, nsp, name, kind, natts in
                     await (await conn.execute(_RELATIONS)).fetchall()}
             attrs = {(oid, num): (name, typ) for oid, num, name, typ in
                      await (await conn.execute(_ATTRIBUTES, (self._columns,))).fetchall()}

@@ -37,7 +37,7 @@ class MaskGuard:
         if key in self._verdicts:
             return resolved, self._verdicts[key]
         statements = pglast.parse_sql(sql)
-        if (time.monotonic() - snap.taken > 1.0 and self._names_unknown_relation(statements, resolved)):
+        if time.monotonic() - snap.taken > 0.2 and self._names_unknown_relation(statements, resolved):
             await self.catalog.refresh()  # created since the snapshot, perhaps outside dbguard
             resolved = self.catalog.resolve(masks, self.catalog.snapshot)  # type: ignore[arg-type]
             key = (sql, id(resolved))
@@ -55,7 +55,7 @@ class MaskGuard:
 
     @staticmethod
     def _names_unknown_relation(statements: tuple, resolved: IdentityMasks) -> bool:
-        for node in lineage._nodes(statements):  # noqa: SLF001 - same package
-            if isinstance(node, pglast.ast.RangeVar) and not resolved.knows(node.schemaname, node.relname):
-                return True
-        return False
+        nodes = list(lineage._nodes(statements))  # noqa: SLF001 - same package
+        ctes = {c.ctename for n in nodes if isinstance(n, pglast.ast.WithClause) for c in n.ctes or ()}
+        return any(isinstance(n, pglast.ast.RangeVar) and not (n.schemaname is None and n.relname in ctes)
+                   and not resolved.knows(n.schemaname, n.relname) for n in nodes)

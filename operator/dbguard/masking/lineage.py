@@ -89,7 +89,18 @@ def _plain_outputs(stmt: ast.Node) -> set[int]:
         return set()
     if not all(_plain_from(item) for item in stmt.fromClause or ()):
         return set()
-    return {id(t.val) for t in stmt.targetList or () if isinstance(t.val, ast.ColumnRef)}
+    tables = {name for item in stmt.fromClause or () for name in _from_names(item)}
+    # `SELECT c FROM customers c` is a whole row (a record), not a plain column: not plain.
+    return {id(t.val) for t in stmt.targetList or () if isinstance(t.val, ast.ColumnRef)
+            and not (len(t.val.fields) == 1 and _names(t.val.fields)[0] in tables)}
+
+
+def _from_names(item: Any) -> Iterator[str]:
+    if isinstance(item, ast.RangeVar):
+        yield item.alias.aliasname if item.alias else item.relname
+    elif isinstance(item, ast.JoinExpr):
+        yield from _from_names(item.larg)
+        yield from _from_names(item.rarg)
 
 
 def _plain_from(item: Any) -> bool:

@@ -34,6 +34,10 @@ class MaskPlan:
         return bool(self.fields)
 
 
+class CatalogOutdated(Exception):
+    """A result column dbguard's catalog does not know yet: it cannot tell whether to mask it."""
+
+
 def parse_row_description(payload: bytes) -> list[Field]:
     (n,) = _I16.unpack_from(payload, 0)
     pos = 2
@@ -53,6 +57,8 @@ def plan_for(fields: list[Field], masks: IdentityMasks, formats: tuple[int, ...]
     out = []
     names = []
     for i, f in enumerate(fields):
+        if f.table_oid and f.attnum > 0 and not masks.knows_attribute(f.table_oid, f.attnum):
+            raise CatalogOutdated(f"column {f.name!r} is newer than dbguard's catalog snapshot")
         found = masks.by_attribute.get((f.table_oid, f.attnum)) if f.table_oid else None
         if found is None:
             continue

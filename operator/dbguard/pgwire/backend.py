@@ -54,6 +54,9 @@ class BackendStartupReader:
         return type_code.decode("latin-1"), payload
 
 
+# Returned by the callback to stop relaying at this message until ``feed(b"")`` is called again.
+HOLD = b"\x00hold"
+
 # Callback: (type byte as int, payload) -> replacement bytes for the whole message, or None to keep it.
 WatchCallback = Callable[[int, bytes], "bytes | None"]
 
@@ -106,6 +109,9 @@ class BackendRelay:
                     self._pending = data[pos:]
                     break
                 replacement = self._on_watched(type_code, data[pos + 5 : end])
+                if replacement is HOLD:  # the caller needs time: keep this message and the rest
+                    self._pending = data[pos:]
+                    break
                 if replacement is not None:
                     if pieces is None:
                         pieces = []

@@ -28,11 +28,12 @@ from dbguard.audit.writer import LedgerUnavailable
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.masking.catalog import IdentityMasks
-from dbguard.masking.rows import MaskPlan, mask_data_row, parse_row_description, plan_for
+from dbguard.masking.rows import CatalogOutdated, MaskPlan, mask_data_row, parse_row_description, plan_for
 from dbguard.masking.rules import MaskSet
 from dbguard.masking.strategies import redact_detail
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
+from dbguard.pgwire.backend import HOLD
 from dbguard.session import upstream
 from dbguard.session.completions import CompletionTracker, Pending
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
@@ -96,6 +97,7 @@ class ClientSession(asyncio.Protocol):
         self._describes: collections.deque[tuple[str | None, bool, int]] = collections.deque()  # portal, ours, sync
         self._portal_plans: dict[str, MaskPlan] = {}
         self._query_plan: MaskPlan | None = None  # the simple-protocol result being relayed
+        self._holding: bytearray | None = None  # server output held while the catalog is read again
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -368,6 +370,9 @@ class ClientSession(asyncio.Protocol):
     def _on_upstream_data(self, data: bytes) -> None:
         if self._cut_after is not None:
             return None  # closing: the FATAL was the last thing relayed
+        if self._holding is not None:
+            self._holding += data  # waiting for the catalog (see _hold_for_catalog)
+            return None
         try:
             out = self.relay.feed(data)
         except RemoteProtocolError as exc:
@@ -458,8 +463,15 @@ class ClientSession(asyncio.Protocol):
 
     def _on_row_description(self, type_code: int, payload: bytes) -> bytes | None:
         front = self._describes[0] if self._describes else None
-        plan = plan_for(parse_row_description(payload), self._masks) if (
-            type_code == 0x54 and self._masks is not None) else MaskPlan((), ())
+        try:
+            plan = plan_for(parse_row_description(payload), self._masks) if (
+                type_code == 0x54 and self._masks is not None) else MaskPlan((), ())
+        except CatalogOutdated as exc:
+            # A column added since the snapshot (DDL outside dbguard): hold the results, read the
+            # catalog again, then judge this RowDescription afresh.
+            log.info("session %s: %s; refreshing the catalog", self.session_id, exc)
+            self._hold_for_catalog()
+            return HOLD
         if front is not None and front[2] == self._rfq_seen + 1:  # the answer to a Describe
             self._describes.popleft()
             portal, ours, _ = front
@@ -482,6 +494,29 @@ class ClientSession(asyncio.Protocol):
             return None
         assert self.proxy.masking is not None
         return mask_data_row(payload, plan, self.proxy.masking.hash_key)
+
+    def _hold_for_catalog(self) -> None:
+        self._holding = bytearray()
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._release_after_refresh())
+
+    async def _release_after_refresh(self) -> None:
+        assert self.proxy.masking is not None and self.mask_set is not None
+        try:
+            await self.proxy.masking.catalog.refresh()
+            snap = self.proxy.masking.catalog.snapshot
+            assert snap is not None
+            self._masks = self.proxy.masking.catalog.resolve(self.mask_set, snap)
+        except (psycopg.Error, OSError) as exc:
+            self._fatal("55000", f"dbguard closed the session: it cannot read the catalog to mask this result: {exc}")
+            return
+        held, self._holding = bytes(self._holding or b""), None
+        if self.state in ("closed", "gone"):
+            return
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+        self._on_upstream_data(held)
 
     def _fatal_in_stream(self, sqlstate: str, message: str) -> bytes:
         """Close the session with a FATAL relayed in place of the current server message."""
