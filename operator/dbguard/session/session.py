@@ -47,6 +47,7 @@ log = logging.getLogger("dbguard.session")
 REFUSED_PREFIX = "dbguard.refused."
 _NOT_UTF8 = Refusal(sqlstate=SqlState.PROTOCOL_VIOLATION, rule="dbguard:encoding",
                     message="dbguard refused the statement: it is not valid UTF-8")
+_DDL_COMMANDS = frozenset({"CREATE", "ALTER", "DROP", "COMMENT", "REFRESH", "SECURITY LABEL"})
 _SHAPE_MEMO: dict[tuple, tuple] = {}  # (id(facts), id(decisions)...) -> (facts, decisions, JSON members)
 # Startup parameters forwarded to the server. Anything else is refused: `options` could carry
 # `-c standard_conforming_strings=off`, `replication` opens a replication connection.
@@ -732,6 +733,8 @@ class ClientSession(asyncio.Protocol):
                     self._statements = {k: v for k, v in self._statements.items() if k == ""}
             elif f.kind == "DiscardStmt":
                 self._statements = {k: v for k, v in self._statements.items() if k == ""}
+            if f.command in _DDL_COMMANDS and self.proxy.masking is not None:
+                self.proxy.masking.catalog.stale = True  # masking reads the catalog again before its next check
 
     def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
         if not sync:
