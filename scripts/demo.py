@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fix_postgres import reset_schema, start_postgres, stop_postgres  # noqa: E402
-from tests.fix_proxy import TOKENS, start_proxy  # noqa: E402
+from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, start_proxy  # noqa: E402
 
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m") if sys.stdout.isatty() \
     else ("",) * 5
@@ -64,9 +64,10 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "dbguard", "audit", "keygen", "--private-key", str(base / "ledger.key"),
                     "--public-key", str(base / "ledger.pub")], check=True, capture_output=True)
     since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    proxy = start_proxy(pg, base, "--ledger", str(ledger), "--ledger-signing-key", str(base / "ledger.key"))
+    proxy = start_proxy(pg, base, "--policy", str(EXAMPLE_MASKING), "--ledger", str(ledger),
+                        "--ledger-signing-key", str(base / "ledger.key"))
     print(f"  dbguard proxy --listen 127.0.0.1:{proxy.port} --upstream postgresql://app@127.0.0.1:{pg.port}/app "
-          f"--policy examples/policy.yaml --tokens examples/tokens.yaml --ledger {ledger} "
+          f"--policy examples/policy.yaml --policy examples/masking.yaml --tokens examples/tokens.yaml --ledger {ledger} "
           f"--ledger-signing-key {base / 'ledger.key'}")
     failures = []
     try:
@@ -82,6 +83,20 @@ def main() -> int:
                     "DELETE FROM orders WHERE 1 = 1",
                     "WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone",
                     "SELECT pg_read_file('/etc/passwd')"]:
+            if run_psql(alice, sql, "alice"):
+                failures.append(sql)
+        step("PII is masked before it leaves the database (examples/masking.yaml)")
+        sql = "SELECT * FROM customers ORDER BY id"
+        for who, expect in (("alice", "****@example.com"), ("sam", "*******6789"), ("frida", "ada@example.com")):
+            r = subprocess.run(["psql", "-X", proxy.dsn(who), "-c", sql], capture_output=True, text=True)
+            group = {"alice": "developers", "sam": "support-leads", "frida": "fraud: clear text"}[who]
+            print(f"{DIM}{who} ({group})${RESET} psql -c {json.dumps(sql)}")
+            print("\n".join(f"  {line}" for line in (r.stdout + r.stderr).rstrip().splitlines()))
+            if expect not in r.stdout:
+                failures.append(f"masking for {who}")
+        step("Masked values cannot be pulled out through expressions or probed with predicates")
+        for sql in ("SELECT lower(email) FROM customers", "SELECT id FROM customers WHERE ssn LIKE '1%'",
+                    "SELECT to_jsonb(c) FROM customers c"):
             if run_psql(alice, sql, "alice"):
                 failures.append(sql)
         step("Changing a customer's balance needs an approval")
