@@ -28,8 +28,8 @@ PII = ["ada@example.com", "grace@example.com", "+1-555-0101", "+1-555-0102", "12
 SETUP = """
 CREATE VIEW customer_contacts AS SELECT id, lower(email) AS mail FROM customers;
 CREATE MATERIALIZED VIEW customer_mv AS SELECT id, ssn FROM customers;
-CREATE FUNCTION leak_emails() RETURNS SETOF text LANGUAGE sql AS $$ SELECT email FROM customers $$;
-CREATE UNIQUE INDEX customers_email ON customers (email);
+CREATE OR REPLACE FUNCTION leak_emails() RETURNS SETOF text LANGUAGE sql AS $$ SELECT email FROM customers $$;
+CREATE UNIQUE INDEX IF NOT EXISTS customers_email ON customers (email);
 """
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 
 from dbguard.masking.catalog import IdentityMasks
 from dbguard.masking.rules import ColumnMask
-from dbguard.masking.strategies import mask_value
+from dbguard.masking.strategies import masker
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
-_FIELD = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, typmod, format
+_FIELD = struct.Struct("!ihihih")
+_I32_UNPACK = _I32.unpack_from
+_I32_PACK = _I32.pack
+_NULL = b"\xff\xff\xff\xff"  # table oid, attnum, type oid, typlen, typmod, format
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,9 +33,17 @@ class MaskPlan:
 
     fields: tuple[tuple[int, ColumnMask, int, bool], ...]
     columns: tuple[str, ...]  # names of the masked output columns, for the ledger
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.fields)
+
+    def compile(self, hash_key: bytes) -> tuple[tuple[int, Callable[[bytes], bytes | None]], ...]:
+        """(field index, masker) in field order, built once per plan and key."""
+        steps = tuple(sorted((i, masker(mask.strategy, mask.opts, typ, binary, hash_key))
+                             for i, mask, typ, binary in self.fields))
+        self.compiled[hash_key] = steps
+        return steps
 
 
 class CatalogOutdated(Exception):
@@ -71,27 +83,32 @@ def plan_for(fields: list[Field], masks: IdentityMasks, formats: tuple[int, ...]
 
 
 def mask_data_row(payload: bytes, plan: MaskPlan, hash_key: bytes) -> bytes:
-    """The DataRow message (type byte and length included) with the plan's fields masked."""
-    (n,) = _I16.unpack_from(payload, 0)
+    """The DataRow message (type byte and length included) with the plan's fields masked.
+
+    Walks the length-prefixed fields only as far as the last masked one and copies the rest as
+    slices: the per-row cost is a few field headers and the masked values themselves.
+    """
+    maskers = plan.compiled.get(hash_key) or plan.compile(hash_key)
+    unpack = _I32_UNPACK
+    pieces = []
+    start = 0
     pos = 2
-    values: list[bytes | None] = []
-    for _ in range(n):
-        (length,) = _I32.unpack_from(payload, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
+    i = 0
+    for index, mask_field in maskers:
+        while i < index:  # skip the fields before this masked one
+            length = unpack(payload, pos)[0]
+            pos += 4 + (length if length > 0 else 0)
+            i += 1
+        length = unpack(payload, pos)[0]
+        if length >= 0:
+            pieces.append(payload[start:pos])
+            value = mask_field(payload[pos + 4:pos + 4 + length])
+            pieces.append(_NULL if value is None else _I32_PACK(len(value)) + value)
+            pos += 4 + length
+            start = pos
         else:
-            values.append(payload[pos:pos + length])
-            pos += length
-    for index, mask, type_oid, binary in plan.fields:
-        if index < n and values[index] is not None:
-            values[index] = mask_value(mask.strategy, mask.opts, values[index], type_oid, binary, hash_key)  # type: ignore[arg-type]
-    parts = [_I16.pack(n)]
-    for v in values:
-        if v is None:
-            parts.append(b"\xff\xff\xff\xff")
-        else:
-            parts.append(_I32.pack(len(v)))
-            parts.append(v)
-    body = b"".join(parts)
-    return b"D" + _I32.pack(len(body) + 4) + body
+            pos += 4
+        i += 1
+    pieces.append(payload[start:])
+    body = b"".join(pieces)
+    return b"D" + _I32_PACK(len(body) + 4) + body

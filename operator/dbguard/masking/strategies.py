@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705})  # text, varchar, bpchar, name, unknown
@@ -43,6 +44,43 @@ def mask_value(strategy: str, options: dict[str, Any], value: bytes, type_oid: i
         return None
     text = value.decode("utf-8", "replace")
     return mask_text(strategy, options, text, hash_key).encode("utf-8")
+
+
+def masker(strategy: str, options: dict[str, Any], type_oid: int, binary: bool,
+           hash_key: bytes) -> Callable[[bytes], bytes | None]:
+    """A function from one field's bytes to its masked bytes (None: NULL), specialised once per plan.
+
+    The common strategies work on the bytes directly (ASCII fast paths); anything else goes
+    through ``mask_value``, which defines the result.
+    """
+    if strategy == "null":
+        return lambda value: None
+    if type_oid not in TEXT_TYPES or strategy == "hash":
+        return lambda value: mask_value(strategy, options, value, type_oid, binary, hash_key)
+    if strategy == "redact":
+        constant = str(options.get("with", REDACTED)).encode()
+        return lambda value: constant
+    if strategy == "email":
+        prefix = REDACTED.encode() + b"@"
+
+        def email(value: bytes) -> bytes:
+            at = value.rfind(b"@")
+            return prefix + value[at + 1:] if at >= 0 else REDACTED.encode()
+        return email
+    if strategy == "partial" and len(str(options.get("fill", "*")).encode()) == 1:
+        first = int(options.get("keepFirst", 0))
+        last = int(options.get("keepLast", 4))
+        fill = str(options.get("fill", "*")).encode()
+
+        def partial(value: bytes) -> bytes:
+            if not value.isascii():
+                return mask_text("partial", options, value.decode("utf-8", "replace"), hash_key).encode()
+            n = len(value)
+            if first + last >= n:
+                return fill * n
+            return value[:first] + fill * (n - first - last) + (value[n - last:] if last else b"")
+        return partial
+    return lambda value: mask_value(strategy, options, value, type_oid, binary, hash_key)
 
 
 def mask_text(strategy: str, options: dict[str, Any], text: str, hash_key: bytes) -> str:

@@ -98,6 +98,7 @@ class ClientSession(asyncio.Protocol):
         self._describes: collections.deque[tuple[str | None, bool, int]] = collections.deque()  # portal, ours, sync
         self._portal_plans: dict[str, MaskPlan] = {}
         self._query_plan: MaskPlan | None = None  # the simple-protocol result being relayed
+        self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
         self._holding: bytearray | None = None  # server output held while the catalog is read again
 
     # -- transport callbacks ---------------------------------------------------------------------
@@ -403,6 +404,7 @@ class ClientSession(asyncio.Protocol):
     def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
         if type_code == 0x44:  # 'D' DataRow: watched only when this identity has masks
             return self._mask_row(payload)
+        self._active_plan = None  # any other message may end the result the plan was for
         if type_code == 0x43:  # 'C' CommandComplete
             self.completions.command_complete(payload[:-1].decode("ascii", "replace"))
             self._query_plan = None
@@ -483,11 +485,14 @@ class ClientSession(asyncio.Protocol):
         return None
 
     def _mask_row(self, payload: bytes) -> bytes | None:
-        current = self.completions.current()
-        if current is not None and not current.until_ready:
-            plan = self._portal_plans.get(current.portal)
-        else:
-            plan = self._query_plan
+        plan = self._active_plan
+        if plan is None:
+            current = self.completions.current()
+            if current is not None and not current.until_ready:
+                plan = self._portal_plans.get(current.portal)
+            else:
+                plan = self._query_plan
+            self._active_plan = plan
         if plan is None:
             return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
                                                   "this result are masked, and will not pass them unmasked")
