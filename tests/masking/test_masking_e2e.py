@@ -177,7 +177,8 @@ BYPASSES = {
     "select into": "SELECT email INTO stolen2 FROM customers",
     "copy table": "COPY customers TO STDOUT",
     "copy query": "COPY (SELECT email FROM customers) TO STDOUT",
-    "returning": "UPDATE customers SET name = name WHERE id = 1 RETURNING email",
+    "returning expression": "UPDATE customers SET name = name WHERE id = 1 RETURNING lower(email)",
+    "returning whole row": "UPDATE customers SET name = name WHERE id = 1 RETURNING customers",
     "update probe": "UPDATE customers SET name = name WHERE ssn LIKE '1%'",
     "cursor over expression": "DECLARE c CURSOR FOR SELECT upper(email) FROM customers",
 }
@@ -191,6 +192,13 @@ def test_every_bypass_class_is_refused_and_nothing_leaks(masked: Proxy, sql: str
     assert errors and errors[0]["C"] == "42501", replies
     assert errors[0]["M"].startswith(("dbguard refused the statement:", "dbguard denied the statement"))
     assert not [t for t, _ in replies if t == "D"]
+
+
+def test_returning_plain_columns_are_masked(masked: Proxy):
+    replies = raw_query(masked, "alice", "UPDATE customers SET name = name WHERE id = 1 RETURNING id, email, ssn")
+    assert data_rows(replies) == [[b"1", b"****@example.com", b"****"]]
+    replies = raw_query(masked, "alice", "UPDATE customers SET name = name WHERE id = 2 RETURNING *")
+    assert data_rows(replies) == [[b"2", b"Grace", b"****@example.com", b"+1-******02", b"****", b"250.50"]]
 
 
 def test_views_and_columns_without_masked_data_still_work(masked: Proxy):

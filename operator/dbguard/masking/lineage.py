@@ -5,9 +5,9 @@ the column is a plain column reference; dbguard masks those on the wire. Everyth
 proven here or refused:
 
 - A masked column may appear only as a plain column of the top-level SELECT's output
-  (``SELECT email``, ``c.email``, ``*``, ``c.*``) over plain tables and joins. Any other use —
+  (``SELECT email``, ``c.email``, ``*``, ``c.*``) over plain tables and joins, or of RETURNING. Any other use —
   in an expression, cast, function, aggregate, JSON builder, WHERE, JOIN condition, ORDER BY,
-  GROUP BY, DISTINCT ON, set operation, CTE, subquery, RETURNING, or a source of INSERT ... SELECT
+  GROUP BY, DISTINCT ON, set operation, CTE, subquery, or a source of INSERT ... SELECT
   / CREATE TABLE AS — is refused: it would either leak the value or probe it (``WHERE ssn LIKE
   '1%'``).
 - A whole-row reference to a table with masked columns (``to_jsonb(c)``, ``row_to_json(c)``) is
@@ -83,6 +83,12 @@ def _plain_outputs(stmt: ast.Node) -> set[int]:
     """ids of the ColumnRefs the server reports with their origin: the top-level SELECT's plain columns."""
     if isinstance(stmt, ast.DeclareCursorStmt | ast.PrepareStmt | ast.ExplainStmt):
         stmt = stmt.query  # FETCH and EXECUTE describe their rows like the query itself
+    if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+        # RETURNING reports its plain columns' origin like a SELECT list does
+        target = stmt.relation.alias.aliasname if stmt.relation.alias else stmt.relation.relname
+        returning = stmt.returningClause.exprs if stmt.returningClause is not None else ()
+        return {id(t.val) for t in returning or () if isinstance(t.val, ast.ColumnRef)
+                and not (len(t.val.fields) == 1 and _names(t.val.fields)[0] == target)}
     if not isinstance(stmt, ast.SelectStmt) or stmt.op != enums.SetOperation.SETOP_NONE:
         return set()
     if stmt.withClause is not None or stmt.valuesLists or stmt.intoClause is not None:
