@@ -14,11 +14,12 @@ import subprocess
 import sys
 
 import asyncpg
+import orjson
 import psycopg
 import pytest
 
 from dbguard.pgwire import messages as m
-from tests.fix_postgres import Postgres, reset_schema
+from tests.fix_postgres import Postgres, reset_schema, wait_until
 from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, Proxy, start_proxy
 from tests.session.test_wire import Raw
 
@@ -80,6 +81,23 @@ def test_plain_columns_are_masked_in_the_exact_bytes_sent(masked: Proxy):
         [b"1", b"****@example.com", b"+1-******01", b"****", b"Ada"],
         [b"2", b"****@example.com", b"+1-******02", b"****", b"Grace"],
     ]
+
+
+def test_the_ledger_records_which_columns_were_masked(masked: Proxy):
+    raw_query(masked, "alice", "SELECT id, email, ssn FROM customers WHERE id = 2")
+    import orjson
+
+    from tests.fix_postgres import wait_until
+
+    def entry() -> dict | None:
+        for line in masked.events_path.read_bytes().splitlines():
+            e = orjson.loads(line)
+            if e.get("statement") == "SELECT id, email, ssn FROM customers WHERE id = $1":
+                return e
+        return None
+
+    wait_until(lambda: entry() is not None, what="the read's entry")
+    assert entry()["completion"]["masked"] == ["email", "ssn"]
 
 
 def test_each_group_sees_what_its_rule_allows(masked: Proxy):

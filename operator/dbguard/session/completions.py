@@ -29,11 +29,14 @@ class Pending:
     closed: bool = False
     interrupted: bool = False
     portal: str = ""  # an Execute's portal: its DataRows are masked by the portal's plan
+    masked: tuple[str, ...] = ()  # output columns the client received masked
 
     def fields(self) -> dict[str, Any]:
         end = self.ended or time.monotonic()
         out: dict[str, Any] = {"stmt": self.stmt, "duration_ms": round((end - self.started) * 1000, 3),
                                "tags": self.tags, "rows": rows_affected(self.tags)}
+        if self.masked:
+            out["masked"] = list(self.masked)
         if self.error is not None:
             out["error"] = {"sqlstate": self.error[0], "message": self.error[1]}
             out["status"] = "error"

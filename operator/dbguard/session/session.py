@@ -493,6 +493,8 @@ class ClientSession(asyncio.Protocol):
             else:
                 plan = self._query_plan
             self._active_plan = plan
+            if plan and current is not None:
+                current.masked = tuple(dict.fromkeys(current.masked + plan.columns))  # for the ledger
         if plan is None:
             return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
                                                   "this result are masked, and will not pass them unmasked")
