@@ -85,9 +85,7 @@ def test_plain_columns_are_masked_in_the_exact_bytes_sent(masked: Proxy):
 
 def test_the_ledger_records_which_columns_were_masked(masked: Proxy):
     raw_query(masked, "alice", "SELECT id, email, ssn FROM customers WHERE id = 2")
-    import orjson
 
-    from tests.fix_postgres import wait_until
 
     def entry() -> dict | None:
         for line in masked.events_path.read_bytes().splitlines():
