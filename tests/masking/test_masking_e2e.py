@@ -191,8 +191,9 @@ BYPASSES = {
     "query_to_xml": "SELECT query_to_xml('SELECT * FROM customers', true, true, '')",
     "insert select copies clear values": "CREATE TABLE stolen AS SELECT email FROM customers",
     "select into": "SELECT email INTO stolen2 FROM customers",
-    "copy table": "COPY customers TO STDOUT",
-    "copy query": "COPY (SELECT email FROM customers) TO STDOUT",
+    "copy binary": "COPY customers TO STDOUT WITH (FORMAT binary)",
+    "copy query expression": "COPY (SELECT lower(email) FROM customers) TO STDOUT",
+    "copy query probe": "COPY (SELECT id FROM customers WHERE ssn LIKE '1%') TO STDOUT",
     "returning expression": "UPDATE customers SET name = name WHERE id = 1 RETURNING lower(email)",
     "returning whole row": "UPDATE customers SET name = name WHERE id = 1 RETURNING customers",
     "update probe": "UPDATE customers SET name = name WHERE ssn LIKE '1%'",
@@ -208,6 +209,30 @@ def test_every_bypass_class_is_refused_and_nothing_leaks(masked: Proxy, sql: str
     assert errors and errors[0]["C"] == "42501", replies
     assert errors[0]["M"].startswith(("dbguard refused the statement:", "dbguard denied the statement"))
     assert not [t for t, _ in replies if t == "D"]
+
+
+def test_copy_to_stdout_is_masked_in_text_and_csv(masked: Proxy, postgres: Postgres):
+    postgres.psql("UPDATE customers SET name = 'Ada, \"the\" first	one' WHERE id = 1")
+    try:
+        cases = {
+            "COPY customers (id, email, ssn, name) TO STDOUT":
+                "1\t****@example.com\t****\tAda, \"the\" first\\tone\n"
+                "2\t****@example.com\t****\tGrace\n",
+            "COPY (SELECT id, phone, email FROM customers ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER)":
+                "id,phone,email\n1,\"+1-******01\",\"****@example.com\"\n2,\"+1-******02\",\"****@example.com\"\n",
+            "COPY (SELECT name, ssn FROM customers ORDER BY id) TO STDOUT WITH (FORMAT csv, DELIMITER ';')":
+                "\"Ada, \"\"the\"\" first\tone\";\"****\"\nGrace;\"****\"\n",
+        }
+        with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+            for sql, expected in cases.items():
+                with conn.cursor().copy(sql) as copy:
+                    got = b"".join(bytes(chunk) for chunk in copy).decode()
+                assert sorted(got.splitlines()) == sorted(expected.splitlines()), (sql, got)  # COPY t: no order
+        r = subprocess.run(["psql", "-X", masked.dsn("alice"), "-c", "COPY customers TO STDOUT"], capture_output=True)
+        assert r.returncode == 0 and b"****@example.com" in r.stdout
+        no_pii(r.stdout)
+    finally:
+        postgres.psql("UPDATE customers SET name = 'Ada' WHERE id = 1")
 
 
 def test_returning_plain_columns_are_masked(masked: Proxy):

@@ -30,6 +30,13 @@ _ATTRIBUTES = """
 SELECT a.attrelid, a.attnum, a.attname, a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
 WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attname = ANY(%s)
 """
+_USER_COLUMNS = """
+SELECT a.attrelid, a.attnum, a.attname, a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%%'
+ORDER BY a.attrelid, a.attnum
+"""
 _VIEW_DEPENDENCIES = """
 SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
@@ -58,6 +65,7 @@ class Snapshot:
     columns_of: dict[int, dict[str, int]]  # relation oid -> {column: attnum}, candidate columns only
     view_deps: dict[int, set[tuple[int, int]]]  # view oid -> (relation oid, attnum) its rules read; 0 = whole row
     user_functions: frozenset[str]
+    table_columns: dict[int, list[tuple[str, int]]]  # user relation oid -> [(column, attnum)] in order (COPY)
     version: int
     taken: float
 
@@ -117,6 +125,13 @@ class IdentityMasks:
         rel = self.snapshot.relations.get(table_oid)
         return rel is not None and attnum <= rel.natts
 
+    def relation(self, schema: str | None, name: str) -> Relation | None:
+        """The relation a name means; unqualified: the one in public, else the only one of that name."""
+        found = list(self._relations(schema, name))
+        if schema is None and len(found) > 1:
+            found = [r for r in found if r.schema == "public"] or found
+        return found[0] if len(found) == 1 else None
+
     def knows(self, schema: str | None, name: str) -> bool:
         return bool(list(self._relations(schema, name)))
 
@@ -154,6 +169,9 @@ class Catalog:
             for view, oid, attnum in await (await conn.execute(_VIEW_DEPENDENCIES)).fetchall():
                 deps.setdefault(view, set()).add((oid, attnum))
             funcs = frozenset(name for (name,) in await (await conn.execute(_USER_FUNCTIONS)).fetchall())
+            table_columns: dict[int, list[tuple[str, int]]] = {}
+            for oid, num, name, _typ in await (await conn.execute(_USER_COLUMNS)).fetchall():
+                table_columns.setdefault(oid, []).append((name, num))
         by_name: dict[str, list[Relation]] = {}
         for rel in rels.values():
             by_name.setdefault(rel.name, []).append(rel)
@@ -161,7 +179,8 @@ class Catalog:
         for (oid, num), (name, _) in attrs.items():
             columns_of.setdefault(oid, {})[name] = num
         self._version += 1
-        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, self._version, time.monotonic())
+        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, table_columns, self._version,
+                        time.monotonic())
 
     async def current(self) -> Snapshot:
         """The snapshot, refreshed first if it is stale or too old."""

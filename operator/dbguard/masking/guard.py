@@ -10,6 +10,7 @@ import pglast
 from dbguard.identity.principal import Principal
 from dbguard.masking import lineage
 from dbguard.masking.catalog import Catalog, IdentityMasks
+from dbguard.masking.copy import CopyPlan, plan_copy
 from dbguard.masking.rules import MaskPolicy, MaskSet
 
 MAX_CACHED = 20_000
@@ -22,20 +23,21 @@ class MaskGuard:
         self.policy = policy
         self.catalog = catalog
         self.hash_key = hash_key
-        self._verdicts: OrderedDict[tuple[str, int], str | None] = OrderedDict()
+        self._verdicts: OrderedDict[tuple[str, int], tuple[str | None, tuple[CopyPlan, ...]]] = OrderedDict()
 
     def for_principal(self, principal: Principal) -> MaskSet | None:
         """The identity's masks, or None when it sees every column in clear."""
         masks = self.policy.for_groups(principal.groups)
         return masks if masks else None
 
-    async def check(self, masks: MaskSet, sql: str) -> tuple[IdentityMasks, str | None]:
-        """The identity's resolved masks and, if the statement could leak or probe a masked value, why."""
+    async def check(self, masks: MaskSet, sql: str) -> tuple[IdentityMasks, str | None, tuple[CopyPlan, ...]]:
+        """The identity's resolved masks; if the statement could leak or probe a masked value, why;
+        and a plan for each COPY TO in it, in order."""
         snap = await self.catalog.current()
         resolved = self.catalog.resolve(masks, snap)
         key = (sql, id(resolved))
         if key in self._verdicts:
-            return resolved, self._verdicts[key]
+            return resolved, *self._verdicts[key]
         statements = pglast.parse_sql(sql)
         if time.monotonic() - snap.taken > 0.2 and self._names_unknown_relation(statements, resolved):
             await self.catalog.refresh()  # created since the snapshot, perhaps outside dbguard
@@ -43,15 +45,20 @@ class MaskGuard:
             key = (sql, id(resolved))
         schema = lineage.Schema(resolved.masked_columns, resolved.view_reaches_masked, resolved.is_user_function)
         reason = None
+        plans: list[CopyPlan] = []
         try:
             for raw in statements:
                 lineage.check(raw.stmt, schema)
+                if isinstance(raw.stmt, pglast.ast.CopyStmt):
+                    plan = plan_copy(raw.stmt, resolved, self.hash_key)
+                    if plan is not None:
+                        plans.append(plan)
         except lineage.Refused as exc:
             reason = str(exc)
-        self._verdicts[key] = reason
+        self._verdicts[key] = (reason, tuple(plans))
         if len(self._verdicts) > MAX_CACHED:
             self._verdicts.popitem(last=False)
-        return resolved, reason
+        return resolved, reason, tuple(plans)
 
     @staticmethod
     def _names_unknown_relation(statements: tuple, resolved: IdentityMasks) -> bool:

@@ -15,8 +15,8 @@ proven here or refused:
 - Views and materialized views that read masked columns, functions defined outside the system
   catalog (dbguard cannot see what they return), data-exposing builtins (``query_to_xml``) and
   catalog views that hold column values (``pg_stats``) are refused.
-- COPY of a table with masked columns, or of a query that names one, is refused (COPY data does
-  not carry a RowDescription to mask by).
+- ``COPY ... TO STDOUT`` in text or CSV is masked row by row (dbguard.masking.copy); its query is
+  judged like a SELECT; binary COPY of masked columns is refused.
 
 Unqualified names are resolved conservatively: a column name that any table in the statement
 masks counts as masked. The checker says why it refuses; it never guesses that something is safe.
@@ -143,8 +143,11 @@ def check(stmt: ast.Node, schema: Schema) -> None:
     if not masking:
         return
     if isinstance(stmt, ast.CopyStmt):
-        raise Refused(f"COPY of {masking[0].name}, which has masked columns, cannot be masked; "
-                      "use SELECT")
+        # COPY TO: the rows are masked by dbguard.masking.copy; its query is judged like a SELECT
+        # (plain columns allowed). COPY FROM is a write; its WHERE filters input, not stored rows.
+        if stmt.query is not None and not stmt.is_from:
+            check(stmt.query, schema)
+        return
     plain = _plain_outputs(stmt)
     for n in nodes:
         if isinstance(n, ast.ColumnRef) and id(n) not in plain:

@@ -74,8 +74,8 @@ class BackendRelay:
         self._skip = 0  # bytes of a pass-through message still to come
 
     def watch_rows(self) -> None:
-        """Also hand over RowDescription, NoData and every DataRow (whole): for masking."""
-        self._watched = WATCHED | frozenset(b"TnD")
+        """Also hand over RowDescription, NoData, DataRow and COPY OUT messages (whole): for masking."""
+        self._watched = WATCHED | frozenset(b"TnDHdc")  # and COPY OUT: CopyOutResponse, CopyData, CopyDone
         self._max = MAX_DATA_ROW
 
     def feed(self, data: bytes) -> bytes:

@@ -16,6 +16,7 @@ import datetime
 import logging
 import secrets
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from dbguard.audit.writer import LedgerUnavailable
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.masking.catalog import IdentityMasks
+from dbguard.masking.copy import CopyPlan, mask_copy_row
 from dbguard.masking.rows import CatalogOutdated, MaskPlan, mask_data_row, parse_row_description, plan_for
 from dbguard.masking.rules import MaskSet
 from dbguard.masking.strategies import redact_detail
@@ -98,6 +100,9 @@ class ClientSession(asyncio.Protocol):
         self._describes: collections.deque[tuple[str | None, bool, int]] = collections.deque()  # portal, ours, sync
         self._portal_plans: dict[str, MaskPlan] = {}
         self._query_plan: MaskPlan | None = None  # the simple-protocol result being relayed
+        self._copy_plans: collections.deque[tuple[CopyPlan, int]] = collections.deque()  # COPY TO, in order
+        self._copy_active: CopyPlan | None = None  # the COPY OUT being relayed
+        self._copy_rows = 0
         self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
         self._holding: bytearray | None = None  # server output held while the catalog is read again
 
@@ -404,6 +409,10 @@ class ClientSession(asyncio.Protocol):
     def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
         if type_code == 0x44:  # 'D' DataRow: watched only when this identity has masks
             return self._mask_row(payload)
+        if type_code == 0x64:  # 'd' CopyData of a COPY OUT (masking only)
+            return self._mask_copy_row(payload)
+        if type_code == 0x48 or type_code == 0x63:  # 'H' CopyOutResponse, 'c' CopyDone (masking only)
+            return self._on_copy_out(type_code, payload)
         self._active_plan = None  # any other message may end the result the plan was for
         if type_code == 0x43:  # 'C' CommandComplete
             self.completions.command_complete(payload[:-1].decode("ascii", "replace"))
@@ -424,6 +433,8 @@ class ClientSession(asyncio.Protocol):
                 self._portal_plans.clear()
             while self._describes and self._describes[0][2] <= self._rfq_seen:
                 self._describes.popleft()  # skipped after an error
+            while self._copy_plans and self._copy_plans[0][1] <= self._rfq_seen:
+                self._copy_plans.popleft()  # a COPY that failed before its output began
             if self._markers:
                 for name in [n for n, (_, sync_no) in self._markers.items() if sync_no <= self._rfq_seen]:
                     del self._markers[name]
@@ -526,6 +537,33 @@ class ClientSession(asyncio.Protocol):
             self.upstream.transport.resume_reading()
         self._on_upstream_data(held)
 
+    def _on_copy_out(self, type_code: int, payload: bytes) -> bytes | None:
+        if type_code == 0x63:  # CopyDone
+            self._copy_active = None
+            return None
+        if self._copy_plans and self._copy_plans[0][1] == self._rfq_seen + 1:
+            plan = self._copy_plans.popleft()[0]
+        else:
+            return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
+                                                  "this COPY are masked, and will not pass them unmasked")
+        if plan and payload[:1] == b"\x01":  # binary overall format
+            return self._fatal_in_stream("42501", "dbguard closed the session: binary COPY of masked columns")
+        self._copy_active, self._copy_rows = plan, 0
+        cur = self.completions.current()
+        if plan and cur is not None:
+            cur.masked = tuple(dict.fromkeys(cur.masked + plan.columns))
+        return None
+
+    def _mask_copy_row(self, payload: bytes) -> bytes | None:
+        plan = self._copy_active
+        if plan is None:
+            return self._fatal_in_stream("XX000", "dbguard closed the session: COPY data outside a COPY it judged")
+        self._copy_rows += 1
+        if not plan or (plan.header and self._copy_rows == 1):
+            return None
+        row = mask_copy_row(payload, plan)
+        return b"d" + struct.pack("!i", len(row) + 4) + row
+
     def _fatal_in_stream(self, sqlstate: str, message: str) -> bytes:
         """Close the session with a FATAL relayed in place of the current server message."""
         log.error("session %s: %s", self.session_id, message)
@@ -537,13 +575,15 @@ class ClientSession(asyncio.Protocol):
         """Refuse what could carry a masked value to the client in a form dbguard cannot mask."""
         assert self.proxy.masking is not None and self.mask_set is not None
         try:
-            self._masks, reason = await self.proxy.masking.check(self.mask_set, sql)
+            self._masks, reason, copies = await self.proxy.masking.check(self.mask_set, sql)
         except (psycopg.Error, OSError) as exc:
             log.error("session %s: masking catalog unavailable: %s", self.session_id, exc)
             return Refusal(sqlstate=SqlState.OBJECT_NOT_IN_PREREQUISITE_STATE, rule="dbguard:masking-unavailable",
                            message="dbguard refused the statement: it cannot read the catalog it needs to mask "
                                    "this identity's columns right now")
         if reason is None:
+            sync_no = self._syncs_sent + 1  # the round trip this statement is forwarded in
+            self._copy_plans.extend((plan, sync_no) for plan in copies)
             return None
         return Refusal(sqlstate=SqlState.INSUFFICIENT_PRIVILEGE, rule="dbguard:mask-lineage",
                        message=f"dbguard refused the statement: {reason}",
