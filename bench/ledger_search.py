@@ -32,6 +32,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import os
 import pathlib
@@ -81,10 +82,10 @@ DBAS = ("bob", "goran", "trent")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Template:
-    """One statement shape: SQL with literals to fill, its real facts and the policy's verdict."""
+    """One statement shape and the demo policy's verdict on it; make_shapes adds its real facts."""
 
     name: str
-    sql: str  # str.format with a (an id) and b (an amount)
+    sql: str  # {a} and {b} stand for constants; the ledger records them as $n anyway
     outcome: str = "forwarded"
     rule: str = ""
     reason: str = ""
@@ -385,12 +386,11 @@ def _accumulate(values: Any) -> Iterator[float]:
 
 def build(path: pathlib.Path, meta_path: pathlib.Path, entries: int, qs: list[Question]) -> dict[str, Any]:
     partial = path.with_name(path.name + ".partial")
+    pub = path.with_suffix(".pub")
+    meta_path.unlink(missing_ok=True)  # no reuse of a half-replaced ledger
     for stale in (partial, partial.with_name(partial.name + "-wal"), partial.with_name(partial.name + "-shm")):
         stale.unlink(missing_ok=True)
     key = Ed25519PrivateKey.generate()
-    pub = path.with_suffix(".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
     gen = Generator(entries, qs)
     sink = sqlite_sink.SqliteLedger(str(partial), CHAIN, signing_key=key, checkpoint_every=1000)
     t_begin = time.perf_counter()
@@ -423,12 +423,19 @@ def build(path: pathlib.Path, meta_path: pathlib.Path, entries: int, qs: list[Qu
     for suffix in ("-wal", "-shm"):
         partial.with_name(partial.name + suffix).unlink(missing_ok=True)
     partial.replace(path)
-    meta = {"generator": GENERATOR_VERSION, "seed": SEED, "entries": entries, "planted": PLANTED,
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    meta = {"generator": GENERATOR_VERSION, "seed": SEED, "schema": schema_digest(), "entries": entries, "planted": PLANTED,
             "expected": gen.expected, "writer_s": writer_s, "generate_s": generate_s, "build_s": total_s,
             "bytes": path.stat().st_size, "sqlite": sqlite3.sqlite_version,
             "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     meta_path.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     return meta
+
+
+def schema_digest() -> str:
+    """The writer's schema (tables and indexes): a ledger built with another one is built again."""
+    return hashlib.sha256(sqlite_sink.SCHEMA.encode()).hexdigest()[:16]
 
 
 def build_or_reuse(directory: pathlib.Path, entries: int, qs: list[Question], rebuild: bool) -> tuple[
@@ -439,6 +446,7 @@ def build_or_reuse(directory: pathlib.Path, entries: int, qs: list[Question], re
     if not rebuild and path.exists() and meta_path.exists() and path.with_suffix(".pub").exists():
         meta = orjson.loads(meta_path.read_bytes())
         if (meta.get("generator") == GENERATOR_VERSION and meta.get("seed") == SEED
+                and meta.get("schema") == schema_digest()
                 and set(meta.get("expected", {})) == {q.label for q in qs}):
             print(f"reusing {path} (built {meta['built']}; --rebuild to build it again)", flush=True)
             return path, meta, True
