@@ -9,11 +9,10 @@ import sys
 from typing import Any
 
 import orjson
-import psycopg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from dbguard.audit import ledger, postgres_sink, search, sqlite_sink
+from dbguard.audit import ledger, search, sqlite_sink
 
 EPILOG = """\
 The ledger is a SQLite file or a postgresql:// URL (the sink a cluster of proxies shares).
@@ -64,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _open(target: str) -> Any:
     """A read-only connection: SQLite, or a PostgresReader for a postgresql:// URL."""
-    if postgres_sink.is_postgres_url(target):
+    if target.startswith(("postgresql://", "postgres://")):
+        import psycopg  # only for the PostgreSQL sink: it costs a tenth of a second to import
+
+        from dbguard.audit import postgres_sink
         try:
             return postgres_sink.PostgresReader(target)
         except psycopg.Error as exc:
@@ -91,7 +93,10 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
 def run_verify(args: argparse.Namespace) -> int:
     conn = _open(args.ledger)
     public_key = load_public_key(args.public_key) if args.public_key else None
-    store = postgres_sink if isinstance(conn, postgres_sink.PostgresReader) else sqlite_sink
+    store: Any = sqlite_sink
+    if not isinstance(conn, sqlite3.Connection):
+        from dbguard.audit import postgres_sink
+        store = postgres_sink
     result = ledger.verify(store.read_rows(conn), store.read_checkpoints(conn), public_key)
     if result.ok:
         signed = f", {result.checkpoints} signed checkpoints verified" if public_key else \

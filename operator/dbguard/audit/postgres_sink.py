@@ -63,6 +63,7 @@ CREATE INDEX IF NOT EXISTS entries_rule_time ON {SCHEMA_NAME}.entries (rule, tim
 CREATE INDEX IF NOT EXISTS entries_session ON {SCHEMA_NAME}.entries (session, stmt);
 CREATE INDEX IF NOT EXISTS entries_fingerprint ON {SCHEMA_NAME}.entries (fingerprint);
 CREATE INDEX IF NOT EXISTS touches_object ON {SCHEMA_NAME}.touches (name, col, operation, entry_id);
+CREATE INDEX IF NOT EXISTS touches_entry ON {SCHEMA_NAME}.touches (entry_id, name, col, operation, schema);
 CREATE OR REPLACE FUNCTION {SCHEMA_NAME}.append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the dbguard audit ledger is append-only: % on %.% refused', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import sqlite3
 from typing import Any
 
 import orjson
@@ -37,6 +38,27 @@ def parse_time(text: str) -> str:
     return value.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
+PROBE_CAP = 5_000
+
+
+def _window_is_smaller(conn: Any, sub: list[str], sub_args: list[Any], q: Query) -> bool:
+    """SQLite only: whether the time window holds no more entries than the object filter matches.
+
+    SQLite's planner always starts from the touches index, which walks an object's whole history;
+    for a narrow window, walking the window and probing each entry's touches is far cheaper. Both
+    counts are capped, so the probe itself stays cheap. PostgreSQL's planner chooses by itself.
+    """
+    if not isinstance(conn, sqlite3.Connection) or not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'touches_entry'").fetchone():
+        return False  # without touches_entry the EXISTS form would scan by table name per entry
+    touches = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM touches WHERE {' AND '.join(sub)} LIMIT ?)",
+                           [*sub_args, PROBE_CAP]).fetchone()[0]
+    window = conn.execute("SELECT count(*) FROM (SELECT 1 FROM entries WHERE time >= ? AND time < ? LIMIT ?)",
+                          (parse_time(q.since) if q.since else "", parse_time(q.until) if q.until else "~",
+                           PROBE_CAP)).fetchone()[0]
+    return window <= touches  # a tie (both capped) goes to the window: ORDER BY time LIMIT cuts it short
+
+
 def search(conn: Any, q: Query) -> list[dict[str, Any]]:
     """Entries matching every filter, oldest first; ``conn`` is a SQLite connection or a PostgresReader."""
     where: list[str] = []
@@ -56,7 +78,11 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
         if q.operation:
             sub.append("operation = ?")
             args.append(q.operation.upper())
-        where.append(f"e.id IN (SELECT entry_id FROM touches WHERE {' AND '.join(sub)})")
+        if (q.since or q.until) and _window_is_smaller(conn, sub, args, q):
+            # walk the window in time order (entries_time) and probe each entry's touches (touches_entry)
+            where.append(f"EXISTS (SELECT 1 FROM touches t WHERE t.entry_id = e.id AND {' AND '.join(sub)})")
+        else:  # start from the matching touches (touches_object)
+            where.append(f"e.id IN (SELECT entry_id FROM touches WHERE {' AND '.join(sub)})")
     for field, value in (("user", q.user), ("outcome", q.outcome), ("rule", q.rule), ("session", q.session),
                          ("kind", q.kind)):
         if value:

@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS entries_rule_time ON entries (rule, time);
 CREATE INDEX IF NOT EXISTS entries_session ON entries (session, stmt);
 CREATE INDEX IF NOT EXISTS entries_fingerprint ON entries (fingerprint);
 CREATE INDEX IF NOT EXISTS touches_object ON touches (name, col, operation, entry_id);
+CREATE INDEX IF NOT EXISTS touches_entry ON touches (entry_id, name, col, operation, schema);
 """
 
 
