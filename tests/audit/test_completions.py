@@ -52,7 +52,7 @@ def test_writes_reads_and_errors_record_their_outcome(pg: Postgres, tmp_path, ke
     assert select["completion"]["rows"] == n_orders and select["completion"]["status"] == "ok"  # ... a read after
     assert select["completion"]["duration_ms"] >= 0
 
-    failed = by_text["UPDATE orders SET amount = $1::int WHERE id = $2"]
+    failed = by_text["UPDATE orders SET amount = CAST($1 AS integer) WHERE id = $2"]
     (failed_done,) = [c["completion"] for c in completions if c["completion"]["stmt"] == failed["stmt"]]
     assert failed_done["status"] == "error" and failed_done["error"]["sqlstate"] == "22P02"
     assert failed_done["error"]["message"] == 'invalid input syntax for type integer: "…"'  # no values

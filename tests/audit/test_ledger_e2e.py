@@ -182,6 +182,8 @@ def test_no_literal_or_parameter_value_reaches_the_ledger(pg: Postgres, tmp_path
                 conn.execute(f"UPDATE orders SET amount = '{secrets[3]}x'::int WHERE id = 1")  # quoted in the error
         with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
             conn.pgconn.exec_(f"SELECT '{secrets[1]}' AS simple_protocol".encode())
+            conn.pgconn.exec_(f"SELECT 1 /* card {secrets[0]} */ -- {secrets[3]}".encode())
+            conn.pgconn.exec_(f"PREPARE p1 AS SELECT * FROM orders WHERE status = '{secrets[2]}'".encode())
     finally:
         proxy.stop()
     raw = b"".join(bytes(d) for (d,) in sqlite3.connect(db).execute("SELECT data FROM entries"))

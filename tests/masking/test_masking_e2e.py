@@ -198,6 +198,26 @@ BYPASSES = {
     "returning whole row": "UPDATE customers SET name = name WHERE id = 1 RETURNING customers",
     "update probe": "UPDATE customers SET name = name WHERE ssn LIKE '1%'",
     "cursor over expression": "DECLARE c CURSOR FOR SELECT upper(email) FROM customers",
+    # found by a red-team pass: each of these returned or probed clear values before it was fixed
+    "function-style column": "SELECT c.row_to_json FROM customers c",
+    "function-style column, table name": "SELECT customers.to_json FROM customers",
+    "function-style column in returning": "UPDATE customers SET name = name WHERE id = 1 RETURNING customers.row_to_json",
+    "function-style column in copy": "COPY (SELECT c.row_to_json FROM customers c) TO STDOUT",
+    "function-style column probe": "SELECT id FROM customers c WHERE c.to_jsonb->>'ssn' LIKE '123%'",
+    "ts_stat runs sql text": "SELECT ts_stat('SELECT to_tsvector(''simple'', email) FROM customers')",
+    "copy with encoding": "COPY (SELECT 'x' AS x, email, ssn FROM customers) TO STDOUT (ENCODING 'SJIS')",
+    "copy star over join using": "COPY (SELECT * FROM customers c JOIN customers d USING (id)) TO STDOUT",
+    "copy null string probe": "COPY (SELECT id, ssn FROM customers) TO STDOUT (NULL '123-45-6789')",
+    "order by ordinal": "SELECT id, ssn FROM customers ORDER BY 2, 1",
+    "order by ordinal over star": "SELECT * FROM customers ORDER BY 5",
+    "order by output alias": "SELECT email AS name FROM customers ORDER BY name",
+    "group by ordinal": "SELECT ssn, count(*) FROM customers GROUP BY 1",
+    "distinct on ordinal": "SELECT DISTINCT ON (2) id, ssn FROM customers",
+    "rename column": "ALTER TABLE customers RENAME COLUMN ssn TO s2",
+    "rename table": "ALTER TABLE customers RENAME TO cust3",
+    "set schema": "ALTER TABLE customers SET SCHEMA pg_temp",
+    "returning whole row of another table": "UPDATE orders SET status = status FROM customers c"
+                                            " WHERE c.id = orders.customer_id AND orders.id = 1 RETURNING c",
 }
 
 
@@ -261,6 +281,12 @@ def test_writes_stay_possible_and_the_error_detail_is_masked(masked: Proxy, post
         detail = exc.value.diag.message_detail or ""
         assert "Key (email)=(…) already exists" in detail and "ada@example.com" not in detail
         conn.execute("DELETE FROM customers WHERE id = 3")
+
+
+def test_a_masked_identity_can_still_create_a_function_with_a_dollar_quoted_body(masked: Proxy):
+    with psycopg.connect(masked.dsn("bob"), autocommit=True) as conn:  # bob is masked too
+        conn.execute("CREATE OR REPLACE FUNCTION one() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$")
+        conn.execute("DROP FUNCTION one()")
 
 
 def test_frida_is_not_restricted(masked: Proxy):

@@ -15,6 +15,7 @@ from typing import Any
 import pglast
 from pglast import ast, enums
 from pglast import parser as pgparser
+from pglast.stream import RawStream
 
 from dbguard.analyze.facts import Action, AnalysisError, Flag, Setting, StatementFacts, Where, is_utf8
 
@@ -32,7 +33,7 @@ DANGEROUS_FUNCTIONS = frozenset({
     "cursor_to_xmlschema", "table_to_xml", "table_to_xml_and_xmlschema", "database_to_xml",
     "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xml_and_xmlschema", "set_config",
     "pg_advisory_lock", "pg_backup_start", "pg_backup_stop", "pg_create_restore_point",
-    "pg_import_system_collations", "pg_sleep_for", "pg_sleep_until",
+    "pg_import_system_collations", "pg_sleep_for", "pg_sleep_until", "ts_stat", "ts_rewrite",
 })
 FILE_FUNCTIONS = frozenset({"lo_import", "lo_export", "pg_read_file", "pg_read_binary_file", "pg_file_write"})
 
@@ -92,6 +93,36 @@ _DML = ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
 _TRUE_WORDS = frozenset({"on", "true", "1", "yes", "y", "t", "tr", "tru", "o"})
 # Settings whose values change how the server reads SQL text compared with dbguard's parser.
 _READ_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding"})
+
+
+def recorded_text(sql: str) -> str:
+    """The statement as the audit ledger keeps it: no constant values and no comments.
+
+    libpg_query's normalization replaces the constants of plannable statements with ``$n``; the
+    constants it leaves (in PREPARE bodies, utility options such as COPY's NULL string) are
+    replaced with ``'…'`` here, and deparsing drops comments. Identifiers are kept.
+    """
+    try:
+        tree = pglast.parse_sql(pgparser.normalize(sql))
+        for node in _all_nodes(tree):
+            if isinstance(node, ast.A_Const) and not node.isnull:
+                node.val = ast.String(sval="…")
+            elif isinstance(node, ast.DefElem) and isinstance(node.arg, ast.String) and node.defname in (
+                    "null", "default", "delimiter", "quote", "escape"):
+                node.arg = ast.String(sval="…")
+        return RawStream()(tree)
+    except Exception:  # noqa: BLE001 - never record what could not be cleaned
+        return "<statement text withheld: dbguard could not remove its constants>"
+
+
+def _all_nodes(value: Any) -> Iterator[ast.Node]:
+    if isinstance(value, tuple | list):
+        for item in value:
+            yield from _all_nodes(item)
+    elif isinstance(value, ast.Node):
+        yield value
+        for child in _children(value):
+            yield from _all_nodes(child)
 
 
 def cache_key(sql: str) -> str:

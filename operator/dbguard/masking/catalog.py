@@ -120,6 +120,13 @@ class IdentityMasks:
     def is_user_function(self, name: str) -> bool:
         return name in self.snapshot.user_functions
 
+    def all_columns(self, schema: str | None, name: str) -> frozenset[str] | None:
+        """Every column of a user table (None for unknown or system relations)."""
+        rel = self.relation(schema, name)
+        if rel is None or rel.oid not in self.snapshot.table_columns:
+            return None
+        return frozenset(c for c, _ in self.snapshot.table_columns[rel.oid])
+
     def knows_attribute(self, table_oid: int, attnum: int) -> bool:
         """False for a column of a relation created or altered after the snapshot."""
         rel = self.snapshot.relations.get(table_oid)

@@ -69,6 +69,11 @@ def plan_copy(stmt: ast.CopyStmt, masks: IdentityMasks, hash_key: bytes) -> Copy
     fmt = str(opts.get("format", "text")).lower()
     if fmt == "binary" and maskers:
         raise Refused("binary COPY of masked columns cannot be masked; use FORMAT text or csv")
+    if maskers and "encoding" in opts:
+        raise Refused("COPY with ENCODING of masked columns: dbguard masks UTF-8 output only")
+    if maskers and "null" in opts and fmt != "csv":
+        # a value equal to the NULL string passes as "NULL": it would confirm a guessed value
+        raise Refused("COPY with a NULL string of masked columns would confirm guessed values")
     csv = fmt == "csv"
     header = opts.get("header", False)
     return CopyPlan(maskers=maskers, csv=csv, delimiter=str(opts.get("delimiter", "," if csv else "\t")),
@@ -111,6 +116,7 @@ def _output_columns(stmt: ast.CopyStmt, masks: IdentityMasks) -> list[tuple[str,
     for item in query.fromClause or ():
         add(item)
     out: list[tuple[str, tuple[int, int] | None]] = []
+    masking = any(oid in masks.masked_relations for _, oid in tables)
     for target in query.targetList:
         ref = target.val
         if not isinstance(ref, ast.ColumnRef):
@@ -120,11 +126,17 @@ def _output_columns(stmt: ast.CopyStmt, masks: IdentityMasks) -> list[tuple[str,
         qualifier = names[-2] if len(names) >= 2 else None
         scope = [t for t in tables if qualifier is None or t[0] == qualifier]
         if names[-1] is None:  # * or t.*
+            if masking and len(tables) > 1 and qualifier is None:
+                # a join's * merges USING/NATURAL columns: the statement alone cannot say where each lands
+                raise Refused("COPY of * over a join with masked columns: list the columns")
             for _, oid in scope:
                 out += [(c, (oid, num)) for c, num in snap.table_columns.get(oid, [])]
             continue
         owners = [(oid, dict(snap.table_columns.get(oid, [])).get(names[-1])) for _, oid in scope]
         owners = [(oid, num) for oid, num in owners if num is not None]
+        if len(owners) != 1 and masking:
+            raise Refused(f"COPY column {'.'.join(n or '*' for n in names)}: dbguard cannot tell which table it "
+                          "comes from, and the query reads masked columns")
         out.append((target.name or names[-1], owners[0] if len(owners) == 1 else None))
     return out
 

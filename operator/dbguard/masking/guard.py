@@ -38,12 +38,16 @@ class MaskGuard:
         key = (sql, id(resolved))
         if key in self._verdicts:
             return resolved, *self._verdicts[key]
-        statements = pglast.parse_sql(sql)
+        try:
+            statements = pglast.parse_sql(sql)
+        except pglast.parser.ParseError as exc:  # the analyzer parsed it; be safe rather than crash
+            return resolved, f"dbguard could not parse the statement to check it: {exc}", ()
         if time.monotonic() - snap.taken > 0.2 and self._names_unknown_relation(statements, resolved):
             await self.catalog.refresh()  # created since the snapshot, perhaps outside dbguard
             resolved = self.catalog.resolve(masks, self.catalog.snapshot)  # type: ignore[arg-type]
             key = (sql, id(resolved))
-        schema = lineage.Schema(resolved.masked_columns, resolved.view_reaches_masked, resolved.is_user_function)
+        schema = lineage.Schema(resolved.masked_columns, resolved.view_reaches_masked, resolved.is_user_function,
+                                resolved.all_columns)
         reason = None
         plans: list[CopyPlan] = []
         try:
@@ -55,6 +59,8 @@ class MaskGuard:
                         plans.append(plan)
         except lineage.Refused as exc:
             reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - an unforeseen tree shape: refuse, never pass
+            reason = f"dbguard could not check the statement ({type(exc).__name__}); it is refused"
         self._verdicts[key] = (reason, tuple(plans))
         if len(self._verdicts) > MAX_CACHED:
             self._verdicts.popitem(last=False)

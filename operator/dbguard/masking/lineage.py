@@ -44,6 +44,7 @@ class Schema:
     masked_columns: Callable[[str | None, str], frozenset[str]]  # (schema or None, table) -> masked column names
     view_reaches_masked: Callable[[str | None, str], bool]  # a view/matview that reads masked columns
     is_user_function: Callable[[str], bool]  # defined outside pg_catalog: its result cannot be traced
+    all_columns: Callable[[str | None, str], frozenset[str] | None]  # every column of a table; None if unknown
 
 
 class Refused(Exception):
@@ -56,6 +57,13 @@ class _Table:
     name: str
     alias: str | None
     masked: frozenset[str]
+    columns: frozenset[str] | None = None
+
+
+# Builtins that run SQL text given as a string, or show any table's values.
+SQL_TEXT_FUNCTIONS = frozenset({"ts_stat", "ts_rewrite"})
+# Statements that would change which columns the name-based masking rules match.
+_RENAMES = (ast.RenameStmt, ast.AlterObjectSchemaStmt)
 
 
 def _children(node: ast.Node) -> Iterator[Any]:
@@ -85,10 +93,11 @@ def _plain_outputs(stmt: ast.Node) -> set[int]:
         stmt = stmt.query  # FETCH and EXECUTE describe their rows like the query itself
     if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
         # RETURNING reports its plain columns' origin like a SELECT list does
-        target = stmt.relation.alias.aliasname if stmt.relation.alias else stmt.relation.relname
+        names = {n.alias.aliasname if n.alias else n.relname for n in _nodes(stmt) if isinstance(n, ast.RangeVar)}
+        names |= {n.relname for n in _nodes(stmt) if isinstance(n, ast.RangeVar)}
         returning = stmt.returningClause.exprs if stmt.returningClause is not None else ()
         return {id(t.val) for t in returning or () if isinstance(t.val, ast.ColumnRef)
-                and not (len(t.val.fields) == 1 and _names(t.val.fields)[0] == target)}
+                and not (len(t.val.fields) == 1 and _names(t.val.fields)[0] in names)}
     if not isinstance(stmt, ast.SelectStmt) or stmt.op != enums.SetOperation.SETOP_NONE:
         return set()
     if stmt.withClause is not None or stmt.valuesLists or stmt.intoClause is not None:
@@ -119,6 +128,9 @@ def _plain_from(item: Any) -> bool:
 
 def check(stmt: ast.Node, schema: Schema) -> None:
     """Raise ``Refused`` (with the reason) when a masked value could leave unmasked or be probed."""
+    if isinstance(stmt, _RENAMES):
+        raise Refused("renaming or moving tables, columns or schemas changes which columns the masking rules "
+                      "match; an identity with masked columns cannot do it")
     nodes = list(_nodes(stmt))
     ctes = {c.ctename for n in nodes if isinstance(n, ast.WithClause) for c in n.ctes or ()}
     tables: list[_Table] = []
@@ -130,12 +142,12 @@ def check(stmt: ast.Node, schema: Schema) -> None:
             if schema.view_reaches_masked(n.schemaname, name):
                 raise Refused(f"{name} is a view over masked columns; query the table itself")
             tables.append(_Table(n.schemaname, name, n.alias.aliasname if n.alias else None,
-                                 schema.masked_columns(n.schemaname, name)))
+                                 schema.masked_columns(n.schemaname, name), schema.all_columns(n.schemaname, name)))
     masking = [t for t in tables if t.masked]
     for n in nodes:
         if isinstance(n, ast.FuncCall):
             fname = n.funcname[-1].sval
-            if fname in DANGEROUS_FUNCTIONS or fname.endswith("_to_xml") or "to_xml" in fname:
+            if fname in DANGEROUS_FUNCTIONS or fname in SQL_TEXT_FUNCTIONS or "to_xml" in fname:
                 raise Refused(f"{fname}() can expose any table's values, and this identity has masked columns")
             if schema.is_user_function(fname):
                 raise Refused(f"{fname}() is defined in the database; dbguard cannot see whether it returns "
@@ -149,14 +161,57 @@ def check(stmt: ast.Node, schema: Schema) -> None:
             check(stmt.query, schema)
         return
     plain = _plain_outputs(stmt)
+    _check_output_references(stmt, masking, tables)
     for n in nodes:
-        if isinstance(n, ast.ColumnRef) and id(n) not in plain:
-            _check_ref(_names(n.fields), masking, tables)
+        if isinstance(n, ast.ColumnRef):
+            _check_column_exists(_names(n.fields), masking)
+            if id(n) not in plain:
+                _check_ref(_names(n.fields), masking, tables)
         elif isinstance(n, ast.JoinExpr):
             if n.isNatural:
                 raise Refused("a NATURAL JOIN with a table that has masked columns compares them")
             for f in n.usingClause or ():
                 _check_ref([f.sval], masking, tables)
+
+
+def _check_column_exists(names: list[str | None], masking: list[_Table]) -> None:
+    """``c.row_to_json`` is not a column: PostgreSQL reads it as ``row_to_json(c)``, the whole row."""
+    if len(names) < 2 or names[-1] is None:
+        return
+    for t in masking:
+        if _matches(t, names[-2]) and t.columns is not None and names[-1] not in t.columns:
+            raise Refused(f"{names[-2]}.{names[-1]} is not a column of {t.name}; PostgreSQL would read it as "
+                          f"{names[-1]}({names[-2]}), over the whole row with its masked columns")
+
+
+def _check_output_references(stmt: ast.Node, masking: list[_Table], tables: list[_Table]) -> None:
+    """ORDER BY 2, GROUP BY 1, DISTINCT ON (2) or an output alias over a masked column sorts or groups by it."""
+    if isinstance(stmt, ast.DeclareCursorStmt | ast.PrepareStmt | ast.ExplainStmt):
+        stmt = stmt.query
+    if not isinstance(stmt, ast.SelectStmt):
+        return
+    targets = list(stmt.targetList or ())
+    aliases = {t.name: t for t in targets if t.name}
+    items = [getattr(s, "node", s) for s in stmt.sortClause or ()] + list(stmt.groupClause or ()) + [
+        d for d in stmt.distinctClause or () if d is not None]
+    for item in items:
+        target = None
+        if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
+            index = item.val.ival - 1
+            if any(isinstance(t.val, ast.ColumnRef) and _names(t.val.fields)[-1] is None for t in targets):
+                target_is_star = True
+            else:
+                target_is_star = False
+                target = targets[index] if 0 <= index < len(targets) else None
+            if target_is_star:
+                raise Refused("ORDER BY, GROUP BY or DISTINCT ON by position over * may use a masked column")
+        elif isinstance(item, ast.ColumnRef) and len(item.fields) == 1 and _names(item.fields)[0] in aliases:
+            target = aliases[_names(item.fields)[0]]
+        if target is not None and isinstance(target.val, ast.ColumnRef):
+            try:
+                _check_ref(_names(target.val.fields), masking, tables)
+            except Refused as exc:
+                raise Refused(f"ordering or grouping by an output column that is masked: {exc}") from None
 
 
 def _matches(t: _Table, qualifier: str) -> bool:

@@ -51,17 +51,14 @@ class FactsCache:
         return result
 
     def recorded_text(self, sql: str) -> str:
-        """A Parse text as the ledger records it: constants replaced by ``$n``, like Query texts.
+        """A statement text as the ledger records it (see analyze.pgparse.recorded_text), cached.
 
         What a client binds as parameters is not recorded either; values reach the ledger only as
         the completion's row counts (and, with masking, never in the clear).
         """
         found = self._recorded.get(sql)
         if found is None:
-            try:
-                found = analyze.cache_key(sql)
-            except Exception:  # noqa: BLE001 - it parsed for the analyzer; be safe rather than fail here
-                found = "<statement text withheld: it could not be normalized>"
+            found = analyze.recorded_text(sql)
             self._recorded[sql] = found
             if len(self._recorded) > self._size:
                 self._recorded.popitem(last=False)

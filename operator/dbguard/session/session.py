@@ -731,20 +731,20 @@ class ClientSession(asyncio.Protocol):
         now = datetime.datetime.now(datetime.UTC)
         verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
         if verdict is None:
-            return self._run_async(self._query_slow(msg, statements, normalized, now))
+            return self._run_async(self._query_slow(msg, statements, normalized, now, sql))
         return self._apply_query(msg, verdict, normalized, now)
 
     async def _query_slow(self, msg: m.Query, statements: tuple[F.StatementFacts, ...], normalized: str,
-                          now: datetime.datetime) -> None:
+                          now: datetime.datetime, sql: str = "") -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
         if verdict.refusal is None and self.mask_set is not None:
-            refusal = await self._mask_check(normalized)
+            refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
             if refusal is not None:
-                self._refuse_and_log(refusal, normalized, sync=True)
+                self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(normalized), sync=True)
                 self._flush()
                 return
-        future = self._emit_decision(verdict, normalized, "simple", now)
+        future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
         if future is not None:
             await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
         else:
@@ -752,7 +752,7 @@ class ClientSession(asyncio.Protocol):
         self._flush()
 
     def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str, now: datetime.datetime) -> None:
-        future = self._emit_decision(verdict, normalized, "simple", now)
+        future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
         self._after_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
 
     def _finish_query(self, msg: m.Query, verdict: Verdict, failed: Refusal | None) -> None:
