@@ -112,17 +112,16 @@ class PostgresStore:
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
             if entries:
-                cur.executemany(
-                    f'INSERT INTO {SCHEMA_NAME}.entries (chain, seq, prev, hash, time, kind, "user", session, stmt,'
-                    " outcome, rule, fingerprint, data) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                    [(chain, e.seq, e.prev, e.hash, *index_fields(e.event), e.data) for e in entries],
-                    returning=True)
-                ids = []
-                while True:
-                    ids.append(cur.fetchone()[0])  # type: ignore[index]
-                    if not cur.nextset():
-                        break
-                rows = [(entry_id, *t) for entry_id, e in zip(ids, entries, strict=True) for t in touches(e.event)]
+                # ids in one round trip, then COPY: per-row INSERTs cost a round trip each
+                cur.execute(f"SELECT nextval('{SCHEMA_NAME}.entries_id_seq') FROM generate_series(1, %s)",
+                            (len(entries),))
+                ids = sorted(row[0] for row in cur.fetchall())  # storage order is chain order
+                with cur.copy(f'COPY {SCHEMA_NAME}.entries (id, chain, seq, prev, hash, time, kind, "user",'
+                              " session, stmt, outcome, rule, fingerprint, data) FROM STDIN") as copy:
+                    for entry_id, e in zip(ids, entries, strict=True):
+                        copy.write_row((entry_id, chain, e.seq, e.prev, e.hash, *index_fields(e.event), e.data))
+                rows = [(entry_id, *t) for entry_id, e in zip(ids, entries, strict=True)
+                        for t in dict.fromkeys(touches(e.event))]
                 if rows:
                     with cur.copy(f"COPY {SCHEMA_NAME}.touches (entry_id, operation, schema, name, col)"
                                   " FROM STDIN") as copy:

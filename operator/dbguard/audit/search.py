@@ -49,8 +49,8 @@ def _window_is_smaller(conn: Any, sub: list[str], sub_args: list[Any], q: Query)
     counts are capped, so the probe itself stays cheap. PostgreSQL's planner chooses by itself.
     """
     if not isinstance(conn, sqlite3.Connection) or not conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'touches_entry'").fetchone():
-        return False  # without touches_entry the EXISTS form would scan by table name per entry
+            "SELECT 1 FROM pragma_index_list('touches') WHERE origin = 'pk'").fetchone():
+        return False  # without the entry-first key the EXISTS form would scan by table name per entry
     touches = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM touches WHERE {' AND '.join(sub)} LIMIT ?)",
                            [*sub_args, PROBE_CAP]).fetchone()[0]
     window = conn.execute("SELECT count(*) FROM (SELECT 1 FROM entries WHERE time >= ? AND time < ? LIMIT ?)",
@@ -88,6 +88,8 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
         if value:
             where.append(f'e."{field}" = ?')
             args.append(value)
+            if field == "rule":
+                where.append("e.\"rule\" <> ''")  # lets SQLite use its partial rule index
     if q.fingerprint:
         where.append("e.fingerprint LIKE ?")
         args.append(f"%{q.fingerprint}%")

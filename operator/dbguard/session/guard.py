@@ -99,7 +99,9 @@ class Verdict:
 # Functions a plain SELECT may call and still be a pure read (its ledger entry need not be durable).
 _READ_FUNCTIONS = frozenset({"count", "sum", "avg", "min", "max", "now", "lower", "upper", "coalesce", "length",
                              "abs", "round", "date_trunc", "current_date", "version", "current_setting"})
-_READ_KINDS = frozenset({"SelectStmt", "VariableShowStmt"})
+# TransactionStmt: BEGIN/COMMIT/ROLLBACK/SAVEPOINT change no data by themselves; the writes they
+# commit were recorded durably before they ran.
+_READ_KINDS = frozenset({"SelectStmt", "VariableShowStmt", "TransactionStmt"})
 
 
 def read_only(f: F.StatementFacts) -> bool:
