@@ -6,13 +6,14 @@ short timer (and at shutdown) so emitting costs a few microseconds on the statem
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import enum
 import sys
 from typing import IO, Any
 
 import orjson
+
+from dbguard.audit.writer import Waiter
 
 
 class EventKind(str, enum.Enum):
@@ -57,13 +58,13 @@ class EventSink:
         return cls(open(target, "ab"), ledger)  # noqa: SIM115 - owned by the sink, closed in close()
 
     def emit(self, kind: EventKind, fields: dict[str, Any], *, flush: bool = False,
-             durable: bool = False) -> concurrent.futures.Future | None:
+             durable: bool = False) -> Waiter | None:
         """Queue one event; ``flush`` writes the JSON line now; ``durable`` returns the ledger commit to wait for."""
         event = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"), "kind": kind.value}
         event.update(fields)
         return self._line(orjson.dumps(event, default=str), flush, durable)
 
-    def _line(self, line: bytes, flush: bool, durable: bool) -> concurrent.futures.Future | None:
+    def _line(self, line: bytes, flush: bool, durable: bool) -> Waiter | None:
         self.emitted += 1
         future = self.ledger.append(line, durable=durable) if self.ledger is not None else None
         if self._stream is not None:
@@ -73,7 +74,7 @@ class EventSink:
         return future
 
     def emit_fragments(self, kind: EventKind, now_iso: str, *fragments: bytes, flush: bool = False,
-                       durable: bool = False) -> concurrent.futures.Future | None:
+                       durable: bool = False) -> Waiter | None:
         """Queue one event assembled from pre-serialized JSON members (``"key":value`` bytes).
 
         The statement path uses this: the session's constant members and a statement shape's

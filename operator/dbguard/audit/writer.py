@@ -10,6 +10,7 @@ the writer falls idle and at shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -74,6 +75,33 @@ def index_fields(event: dict[str, Any]) -> tuple[str, str, str, str, int, str, s
             " ".join(s.get("fingerprint", "") for s in event.get("statements") or ()))
 
 
+Waiter = concurrent.futures.Future | asyncio.Future
+
+
+def _resolve(futures: list[Waiter], result: int | None, error: BaseException | None) -> None:
+    """Settle the waiters of a batch: concurrent futures here, asyncio futures on their loop, once per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for fut in futures:
+        if isinstance(fut, asyncio.Future):
+            by_loop.setdefault(fut.get_loop(), []).append(fut)
+        elif error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    for loop, waiting in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, waiting, result, error)
+
+
+def _settle(waiting: list[asyncio.Future], result: int | None, error: BaseException | None) -> None:
+    for fut in waiting:
+        if not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+
 class LedgerWriter:
     """Append-only, hash-chained ledger of one proxy instance, written by one thread."""
 
@@ -85,7 +113,7 @@ class LedgerWriter:
         self._key = signing_key
         self._checkpoint_every = checkpoint_every
         self._seq, self._prev, self._signed_seq = store.tail(chain)
-        self._queue: queue.Queue[tuple[bytes, concurrent.futures.Future | None] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, Waiter | None] | None] = queue.Queue()
         self._retry: list[bytes] = []
         self._last_signed = 0.0
         self.committed = 0
@@ -98,8 +126,18 @@ class LedgerWriter:
 
     # -- producer side (event loop) --------------------------------------------------------------
 
-    def append(self, data: bytes, *, durable: bool = False) -> concurrent.futures.Future | None:
-        future: concurrent.futures.Future | None = concurrent.futures.Future() if durable else None
+    def append(self, data: bytes, *, durable: bool = False) -> Waiter | None:
+        """Queue an entry; a durable one returns what resolves once it is committed.
+
+        From an event loop that is an asyncio future, resolved by one wake-up of the loop per
+        committed batch (not one cross-thread call per statement); elsewhere a concurrent future.
+        """
+        future: Waiter | None = None
+        if durable:
+            try:
+                future = asyncio.get_running_loop().create_future()
+            except RuntimeError:
+                future = concurrent.futures.Future()
         self._queue.put((data, future))
         return future
 
@@ -124,7 +162,7 @@ class LedgerWriter:
                     self._commit([])
                 self._sign_tail()  # idle: sign what the last burst left unsigned
                 continue
-            batch: list[tuple[bytes, concurrent.futures.Future | None]] = []
+            batch: list[tuple[bytes, Waiter | None]] = []
             if item is None:
                 stop = True
             else:
@@ -154,7 +192,7 @@ class LedgerWriter:
         self._signed_seq = self._seq
         self._last_signed = time.monotonic()
 
-    def _commit(self, batch: list[tuple[bytes, concurrent.futures.Future | None]]) -> None:
+    def _commit(self, batch: list[tuple[bytes, Waiter | None]]) -> None:
         pending = [(data, None) for data in self._retry] + batch
         seq, prev = self._seq, self._prev
         entries: list[Entry] = []
@@ -185,9 +223,7 @@ class LedgerWriter:
                 log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
                 keep = keep[-RETRY_LIMIT:]
             self._retry = keep
-            for _, fut in pending:
-                if fut is not None:
-                    fut.set_exception(LedgerUnavailable(self.last_error))
+            _resolve([fut for _, fut in pending if fut is not None], None, LedgerUnavailable(self.last_error))
             # A commit whose answer was lost may have landed: continue from what is stored. If the
             # store is still down, the next commit retries.
             with contextlib.suppress(Exception):
@@ -200,6 +236,4 @@ class LedgerWriter:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []
         self.committed += len(pending)
-        for _, fut in pending:
-            if fut is not None:
-                fut.set_result(seq)
+        _resolve([fut for _, fut in pending if fut is not None], seq, None)

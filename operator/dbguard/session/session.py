@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import datetime
 import logging
 import secrets
@@ -25,7 +24,7 @@ import psycopg
 
 from dbguard.analyze import facts as F
 from dbguard.audit.events import EventKind, iso_time
-from dbguard.audit.writer import LedgerUnavailable
+from dbguard.audit.writer import LedgerUnavailable, Waiter
 from dbguard.errors import Refusal
 from dbguard.identity.principal import Principal
 from dbguard.masking.catalog import IdentityMasks
@@ -606,7 +605,7 @@ class ClientSession(asyncio.Protocol):
             self._discard_until_sync = True
 
     def _emit_refusal(self, refusal: Refusal, statement: str = "",
-                      extra: dict[str, Any] | None = None) -> concurrent.futures.Future | None:
+                      extra: dict[str, Any] | None = None) -> Waiter | None:
         assert self.principal is not None
         fields: dict[str, Any] = {"session": self.session_id, "identity": self.principal.to_dict(),
                                   "database": self.settings.upstream.database, "client_addr": self.client_addr,
@@ -616,7 +615,7 @@ class ClientSession(asyncio.Protocol):
             fields.update(extra)
         return self.proxy.events.emit(EventKind.REFUSAL, fields, flush=True, durable=True)
 
-    def _after_commit(self, future: concurrent.futures.Future | None, then: Callable[[Refusal | None], None]) -> None:
+    def _after_commit(self, future: Waiter | None, then: Callable[[Refusal | None], None]) -> None:
         """Run ``then`` once the ledger has committed (at once without a ledger).
 
         ``then`` gets a refusal when the ledger could not commit: what must be recorded is refused.
@@ -626,7 +625,7 @@ class ClientSession(asyncio.Protocol):
             return
         self._run_async(self._await_commit(future, then))
 
-    async def _await_commit(self, future: concurrent.futures.Future,
+    async def _await_commit(self, future: Waiter,
                             then: Callable[[Refusal | None], None]) -> None:
         try:
             await asyncio.wrap_future(future)
@@ -794,7 +793,7 @@ class ClientSession(asyncio.Protocol):
             self._send(m.encode_error(sqlstate="01000", message=text, severity="WARNING", notice=True))
 
     def _emit_decision(self, verdict: Verdict, statement: str, protocol: str,
-                       now: datetime.datetime) -> concurrent.futures.Future | None:
+                       now: datetime.datetime) -> Waiter | None:
         refusal = verdict.refusal
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
         key = (id(verdict.judged), *map(id, verdict.decisions))
@@ -904,7 +903,7 @@ class ClientSession(asyncio.Protocol):
             self._finish_bind(msg, verdict, None)
         self._flush()
 
-    def _emit_bind_decision(self, verdict: Verdict, now: datetime.datetime) -> concurrent.futures.Future | None:
+    def _emit_bind_decision(self, verdict: Verdict, now: datetime.datetime) -> Waiter | None:
         texts = verdict.statements
         text = texts[0].text if len(texts) == 1 else " ; ".join(f.text for f in texts)
         return self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(text), "extended", now)
