@@ -83,6 +83,7 @@ class ClientSession(asyncio.Protocol):
         # portal -> (statements, statement number, a read's decision entry deferred to its completion)
         self._portals: dict[str, tuple[tuple[F.StatementFacts, ...], int, tuple[str, bytes] | None]] = {}
         self.completions = CompletionTracker()
+        self._finished: list[Pending] = []  # completed statements not yet recorded
         self._stmt_no = 0  # decisions in this session; completion entries name theirs
         self._decided: tuple[int, tuple[str, bytes] | None] = (0, None)  # the latest decision's number, deferral
         self._markers: dict[str, tuple[Refusal, int]] = {}  # refusal name -> (refusal, sync number)
@@ -177,7 +178,8 @@ class ClientSession(asyncio.Protocol):
             self._login_timer.cancel()
             self._login_timer = None
         if self.state != "gone":
-            leftover = self.completions.drain()
+            leftover = self._finished + self.completions.drain()
+            self._finished = []
             if leftover:
                 self._record_completions(leftover)
             if self.principal is not None:
@@ -387,6 +389,9 @@ class ClientSession(asyncio.Protocol):
             out = out[:out.find(self._cut_after) + len(self._cut_after)]
         if out:
             self._send(out)
+        if self._finished:
+            finished, self._finished = self._finished, []
+            self._record_completions(finished)
         return None
 
     def _on_upstream_lost(self, exc: BaseException | None) -> None:
@@ -424,7 +429,7 @@ class ClientSession(asyncio.Protocol):
             self._rfq_seen += 1
             finished = self.completions.ready(self._rfq_seen)
             if finished:
-                self._record_completions(finished)
+                self._finished += finished  # recorded once the reply is on its way to the client
             if self.guard is not None:
                 self.guard.update(in_transaction=status != "I")
             if status == "I":
@@ -832,7 +837,7 @@ class ClientSession(asyncio.Protocol):
         for p in finished:
             if not p.stmt:
                 continue
-            completion = b'"completion":' + orjson.dumps(p.fields())
+            completion = b'"completion":' + p.json()
             if p.deferred is not None:
                 self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion)
             else:
