@@ -104,7 +104,7 @@ def recorded_text(sql: str) -> str:
     """
     try:
         tree = pglast.parse_sql(pgparser.normalize(sql))
-        for node in _all_nodes(tree):
+        for node in all_nodes(tree):
             if isinstance(node, ast.A_Const) and not node.isnull:
                 node.val = ast.String(sval="…")
             elif isinstance(node, ast.DefElem) and isinstance(node.arg, ast.String) and node.defname in (
@@ -115,14 +115,15 @@ def recorded_text(sql: str) -> str:
         return "<statement text withheld: dbguard could not remove its constants>"
 
 
-def _all_nodes(value: Any) -> Iterator[ast.Node]:
+def all_nodes(value: Any) -> Iterator[ast.Node]:
+    """Every node below ``value`` (a node, or a tuple/list of them), depth first, itself included."""
     if isinstance(value, tuple | list):
         for item in value:
-            yield from _all_nodes(item)
+            yield from all_nodes(item)
     elif isinstance(value, ast.Node):
         yield value
         for child in _children(value):
-            yield from _all_nodes(child)
+            yield from all_nodes(child)
 
 
 def cache_key(sql: str) -> str:

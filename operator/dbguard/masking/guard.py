@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pglast
 
+from dbguard.analyze.pgparse import all_nodes
 from dbguard.identity.principal import Principal
 from dbguard.masking import lineage
 from dbguard.masking.catalog import Catalog, IdentityMasks
@@ -68,7 +69,7 @@ class MaskGuard:
 
     @staticmethod
     def _names_unknown_relation(statements: tuple, resolved: IdentityMasks) -> bool:
-        nodes = list(lineage._nodes(statements))  # noqa: SLF001 - same package
+        nodes = list(all_nodes(statements))
         ctes = {c.ctename for n in nodes if isinstance(n, pglast.ast.WithClause) for c in n.ctes or ()}
         return any(isinstance(n, pglast.ast.RangeVar) and not (n.schemaname is None and n.relname in ctes)
                    and not resolved.knows(n.schemaname, n.relname) for n in nodes)

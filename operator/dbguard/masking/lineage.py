@@ -31,6 +31,7 @@ from typing import Any
 from pglast import ast, enums
 
 from dbguard.analyze.pgparse import DANGEROUS_FUNCTIONS
+from dbguard.analyze.pgparse import all_nodes as _nodes
 
 # Catalog views and tables that show column values (most common values, histograms, extended stats).
 VALUE_EXPOSING_CATALOG = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
@@ -64,23 +65,6 @@ class _Table:
 SQL_TEXT_FUNCTIONS = frozenset({"ts_stat", "ts_rewrite"})
 # Statements that would change which columns the name-based masking rules match.
 _RENAMES = (ast.RenameStmt, ast.AlterObjectSchemaStmt)
-
-
-def _children(node: ast.Node) -> Iterator[Any]:
-    for name in node:
-        value = getattr(node, name)
-        if isinstance(value, ast.Node | tuple | list):
-            yield value
-
-
-def _nodes(value: Any) -> Iterator[ast.Node]:
-    if isinstance(value, tuple | list):
-        for item in value:
-            yield from _nodes(item)
-    elif isinstance(value, ast.Node):
-        yield value
-        for child in _children(value):
-            yield from _nodes(child)
 
 
 def _names(fields: tuple) -> list[str | None]:
