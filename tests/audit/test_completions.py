@@ -21,7 +21,10 @@ def entries(db, kind: str | None = None) -> list[dict]:
         rows = conn.execute("SELECT data FROM entries ORDER BY id").fetchall()
     finally:
         conn.close()
-    events = [orjson.loads(d) for (d,) in rows]
+    events = []
+    for (d,) in rows:
+        e = orjson.loads(d)
+        events += e["entries"] if e["kind"] == "reads" else [e]  # a block of reads holds them in order
     return [e for e in events if kind is None or e["kind"] == kind]
 
 

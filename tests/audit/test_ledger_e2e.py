@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 
+import orjson
 import psycopg
 import pytest
 
@@ -190,3 +191,41 @@ def test_no_literal_or_parameter_value_reaches_the_ledger(pg: Postgres, tmp_path
     assert b"orders" in raw and b"simple_protocol" in raw
     for s in secrets:
         assert s.encode() not in raw, s
+
+
+def test_reads_are_chained_in_blocks_and_search_finds_each_one(pg: Postgres, tmp_path, keys):
+    priv, pub = keys
+    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    counts = {"alice": 0, "bob": 0}
+
+    def reader(user: str, n: int) -> None:
+        with psycopg.connect(proxy.dsn(user), autocommit=True) as conn:
+            for i in range(n):
+                conn.execute("SELECT status FROM orders WHERE id = %s", [i % 3 + 1])
+                counts[user] += 1
+
+    try:
+        threads = [threading.Thread(target=reader, args=("alice", 150)), threading.Thread(target=reader, args=("bob", 90))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        proxy.stop()
+    conn = sqlite3.connect(db)
+    blocks = conn.execute("SELECT count(*), sum(length(data)) FROM entries WHERE kind = 'reads'").fetchone()
+    assert blocks[0] >= 1, "concurrent reads should share block entries"
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
+    assert r.returncode == 0, r.stdout
+    for user, n in counts.items():
+        r = audit("search", "--ledger", str(db), "--identity", user, "--table", "orders", "--op", "SELECT",
+                  "--kind", "decision", "--json", "--limit", "10000")
+        found = [orjson.loads(line) for line in r.stdout.splitlines()]
+        assert len(found) == n and all(e["identity"]["user"] == user for e in found), (user, len(found), n)
+        assert all(e["completion"]["status"] == "ok" for e in found)
+    # a read inside a block is as tamper-evident as any entry
+    conn.execute("UPDATE entries SET data = CAST(replace(CAST(data AS TEXT), 'SELECT status', 'SELECT secret')"
+                 " AS BLOB) WHERE kind = 'reads'")
+    conn.commit()
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
+    assert r.returncode == 1 and "altered" in r.stdout

@@ -64,9 +64,9 @@ class EventSink:
         event.update(fields)
         return self._line(orjson.dumps(event, default=str), flush, durable)
 
-    def _line(self, line: bytes, flush: bool, durable: bool) -> Waiter | None:
+    def _line(self, line: bytes, flush: bool, durable: bool, block: bool = False) -> Waiter | None:
         self.emitted += 1
-        future = self.ledger.append(line, durable=durable) if self.ledger is not None else None
+        future = self.ledger.append(line, durable=durable, block=block) if self.ledger is not None else None
         if self._stream is not None:
             self._buf.append(line)
             if flush or len(self._buf) >= 512:
@@ -74,7 +74,7 @@ class EventSink:
         return future
 
     def emit_fragments(self, kind: EventKind, now_iso: str, *fragments: bytes, flush: bool = False,
-                       durable: bool = False) -> Waiter | None:
+                       durable: bool = False, block: bool = False) -> Waiter | None:
         """Queue one event assembled from pre-serialized JSON members (``"key":value`` bytes).
 
         The statement path uses this: the session's constant members and a statement shape's
@@ -82,7 +82,7 @@ class EventSink:
         """
         line = (b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
                 + b",".join(fragments) + b"}")
-        return self._line(line, flush, durable)
+        return self._line(line, flush, durable, block)
 
     def flush(self) -> None:
         if self._buf and self._stream is not None:

@@ -83,19 +83,26 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
             where.append(f"EXISTS (SELECT 1 FROM touches t WHERE t.entry_id = e.id AND {' AND '.join(sub)})")
         else:  # start from the matching touches (touches_object)
             where.append(f"e.id IN (SELECT entry_id FROM touches WHERE {' AND '.join(sub)})")
-    for field, value in (("user", q.user), ("outcome", q.outcome), ("rule", q.rule), ("session", q.session),
-                         ("kind", q.kind)):
+    # A block of reads (kind "reads") matches what any of its reads might; its reads are filtered
+    # one by one below.
+    for field, value in (("user", q.user), ("outcome", q.outcome), ("session", q.session)):
         if value:
-            where.append(f'e."{field}" = ?')
+            where.append(f'(e."{field}" = ? OR e.kind = \'reads\')')
             args.append(value)
-            if field == "rule":
-                where.append("e.\"rule\" <> ''")  # lets SQLite use its partial rule index
+    if q.rule:
+        where.append("e.\"rule\" = ? AND e.\"rule\" <> ''")  # reads have no rule; '' lets SQLite use its partial index
+        args.append(q.rule)
+    if q.kind:
+        where.append("e.kind IN (?, ?)")
+        args += [q.kind, "reads" if q.kind == "decision" else q.kind]
     if q.fingerprint:
-        where.append("e.fingerprint LIKE ?")
+        where.append("(e.fingerprint LIKE ? OR e.kind = 'reads')")
         args.append(f"%{q.fingerprint}%")
     if q.since:
-        where.append("e.time >= ?")
-        args.append(parse_time(q.since))
+        # a block's time is its earliest read, and a block never spans a minute boundary
+        since = parse_time(q.since)
+        where.append("(e.time >= ? OR (e.kind = 'reads' AND e.time >= ?))")
+        args += [since, since[:16]]
     if q.until:
         where.append("e.time < ?")
         args.append(parse_time(q.until))
@@ -105,6 +112,12 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
     out = []
     for chain, seq, data in rows:
         event = orjson.loads(data)
+        if event.get("kind") == "reads":
+            for index, read in enumerate(event.get("entries") or ()):
+                if matches(read, q):
+                    read["ledger"] = {"chain": chain, "seq": seq, "index": index}
+                    out.append(read)
+            continue
         event["ledger"] = {"chain": chain, "seq": seq}
         if event.get("kind") == "decision" and "completion" not in event and event.get("stmt"):
             # A write's outcome is its own entry, written after the server answered.
@@ -113,7 +126,33 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
             if found:
                 event["completion"] = orjson.loads(found[0]).get("completion")
         out.append(event)
-    return out
+    out.sort(key=lambda e: e.get("time", ""))
+    return out[:q.limit]
+
+
+def matches(e: dict[str, Any], q: Query) -> bool:
+    """Whether one event meets every filter (used for the reads inside a block)."""
+    if q.user and ((e.get("identity") or {}).get("user") or e.get("user", "")) != q.user:
+        return False
+    for field, value in (("outcome", q.outcome), ("rule", q.rule), ("session", q.session), ("kind", q.kind)):
+        if value and e.get(field, "") != value:
+            return False
+    time = e.get("time", "")
+    if (q.since and time < parse_time(q.since)) or (q.until and time >= parse_time(q.until)):
+        return False
+    statements = e.get("statements") or ()
+    if q.fingerprint and not any(q.fingerprint in st.get("fingerprint", "") for st in statements):
+        return False
+    if q.table or q.column or q.operation:
+        schema, _, name = q.table.rpartition(".")
+        for st in statements:
+            for a in st.get("actions") or ():
+                if ((not name or a.get("name") == name) and (not schema or a.get("schema") in (schema, ""))
+                        and (not q.operation or a.get("operation") == q.operation.upper())
+                        and (not q.column or q.column in (a.get("columns") or ()) or "*" in (a.get("columns") or ()))):
+                    return True
+        return False
+    return True
 
 
 def _decision(e: dict[str, Any]) -> tuple[str, str, str]:

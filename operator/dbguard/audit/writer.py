@@ -28,6 +28,7 @@ from dbguard.audit import ledger
 log = logging.getLogger("dbguard.ledger")
 
 BATCH_MAX = 1000
+BLOCK_MAX = 256  # reads in one block entry
 RETRY_LIMIT = 100_000  # non-durable entries kept for retry while the store fails
 
 
@@ -60,7 +61,7 @@ class Store(Protocol):
 
 def touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     """(operation, schema, table, column) for each object a statement touches: the search index."""
-    for statement in event.get("statements") or ():
+    for statement in event.get("statements") or event.get("block_statements") or ():
         for action in statement.get("actions") or ():
             for col in action.get("columns") or [""]:
                 yield (action.get("operation", ""), action.get("schema", ""), action.get("name", ""), col)
@@ -102,6 +103,45 @@ def _settle(waiting: list[asyncio.Future], result: int | None, error: BaseExcept
                 fut.set_result(result)
 
 
+def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """What the chain stores, in order: each entry, except that consecutive reads of the same minute
+    become one block entry (``{"kind":"reads","time":..,"entries":[..]}``).
+
+    A read costs the store a fraction of a row this way; search expands blocks and filters their
+    reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
+    """
+    run: list[tuple[bytes, dict[str, Any]]] = []
+    for data, _, block in pending:
+        event = orjson.loads(data)
+        if block and (not run or (event.get("time", "")[:16] == run[0][1].get("time", "")[:16]
+                                  and len(run) < BLOCK_MAX)):
+            run.append((data, event))
+            continue
+        if run:
+            yield _block(run)
+            run = []
+        if block:
+            run.append((data, event))
+        else:
+            yield data, event
+    if run:
+        yield _block(run)
+
+
+def _block(run: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, dict[str, Any]]:
+    if len(run) == 1:
+        return run[0]
+    first = min(event.get("time", "") for _, event in run)
+    users = {(event.get("identity") or {}).get("user", "") for _, event in run}
+    sessions = {event.get("session", "") for _, event in run}
+    data = (b'{"kind":"reads","time":"' + first.encode() + b'","count":%d,"entries":[' % len(run)
+            + b",".join(d for d, _ in run) + b"]}")
+    index = {"kind": "reads", "time": first, "identity": {"user": users.pop() if len(users) == 1 else ""},
+             "session": sessions.pop() if len(sessions) == 1 else "", "outcome": "forwarded",
+             "block_statements": [s for _, event in run for s in event.get("statements") or ()]}
+    return data, index
+
+
 class LedgerWriter:
     """Append-only, hash-chained ledger of one proxy instance, written by one thread."""
 
@@ -113,8 +153,8 @@ class LedgerWriter:
         self._key = signing_key
         self._checkpoint_every = checkpoint_every
         self._seq, self._prev, self._signed_seq = store.tail(chain)
-        self._queue: queue.Queue[tuple[bytes, Waiter | None] | None] = queue.Queue()
-        self._retry: list[bytes] = []
+        self._queue: queue.Queue[tuple[bytes, Waiter | None, bool] | None] = queue.Queue()
+        self._retry: list[tuple[bytes, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
         self.failures = 0
@@ -126,7 +166,7 @@ class LedgerWriter:
 
     # -- producer side (event loop) --------------------------------------------------------------
 
-    def append(self, data: bytes, *, durable: bool = False) -> Waiter | None:
+    def append(self, data: bytes, *, durable: bool = False, block: bool = False) -> Waiter | None:
         """Queue an entry; a durable one returns what resolves once it is committed.
 
         From an event loop that is an asyncio future, resolved by one wake-up of the loop per
@@ -138,7 +178,7 @@ class LedgerWriter:
                 future = asyncio.get_running_loop().create_future()
             except RuntimeError:
                 future = concurrent.futures.Future()
-        self._queue.put((data, future))
+        self._queue.put((data, future, block))
         return future
 
     def queued(self) -> int:
@@ -162,7 +202,7 @@ class LedgerWriter:
                     self._commit([])
                 self._sign_tail()  # idle: sign what the last burst left unsigned
                 continue
-            batch: list[tuple[bytes, Waiter | None]] = []
+            batch: list[tuple[bytes, Waiter | None, bool]] = []
             if item is None:
                 stop = True
             else:
@@ -192,16 +232,16 @@ class LedgerWriter:
         self._signed_seq = self._seq
         self._last_signed = time.monotonic()
 
-    def _commit(self, batch: list[tuple[bytes, Waiter | None]]) -> None:
-        pending = [(data, None) for data in self._retry] + batch
+    def _commit(self, batch: list[tuple[bytes, Waiter | None, bool]]) -> None:
+        pending = [(data, None, block) for data, block in self._retry] + batch
         seq, prev = self._seq, self._prev
         entries: list[Entry] = []
         checkpoints: list[tuple[int, str, bytes]] = []
         try:
-            for data, _ in pending:
+            for data, event in _records(pending):
                 seq += 1
                 h = ledger.entry_hash(prev, seq, self.chain, data)
-                entries.append(Entry(seq, prev, h, data, orjson.loads(data)))
+                entries.append(Entry(seq, prev, h, data, event))
                 if self._key is not None and seq % self._checkpoint_every == 0:
                     checkpoints.append((seq, h, ledger.sign_checkpoint(self._key, self.chain, seq, h)))
                 prev = h
@@ -217,13 +257,13 @@ class LedgerWriter:
             self.last_failed = True
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("ledger %s: commit of %d entries failed: %s", self.name, len(pending), self.last_error)
-            keep = [data for data, fut in pending if fut is None]
+            keep = [(data, block) for data, fut, block in pending if fut is None]
             if len(keep) > RETRY_LIMIT:
                 self.dropped += len(keep) - RETRY_LIMIT
                 log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
                 keep = keep[-RETRY_LIMIT:]
             self._retry = keep
-            _resolve([fut for _, fut in pending if fut is not None], None, LedgerUnavailable(self.last_error))
+            _resolve([fut for _, fut, _ in pending if fut is not None], None, LedgerUnavailable(self.last_error))
             # A commit whose answer was lost may have landed: continue from what is stored. If the
             # store is still down, the next commit retries.
             with contextlib.suppress(Exception):
@@ -236,4 +276,4 @@ class LedgerWriter:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []
         self.committed += len(pending)
-        _resolve([fut for _, fut in pending if fut is not None], seq, None)
+        _resolve([fut for _, fut, _ in pending if fut is not None], seq, None)

@@ -839,7 +839,8 @@ class ClientSession(asyncio.Protocol):
                 continue
             completion = b'"completion":' + p.json()
             if p.deferred is not None:
-                self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion)
+                self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion,
+                                                 block=True)
             else:
                 now_iso = now_iso or iso_time(datetime.datetime.now(datetime.UTC))
                 self.proxy.events.emit_fragments(EventKind.COMPLETION, now_iso, self._event_prefix, completion)
