@@ -218,6 +218,21 @@ BYPASSES = {
     "set schema": "ALTER TABLE customers SET SCHEMA pg_temp",
     "returning whole row of another table": "UPDATE orders SET status = status FROM customers c"
                                             " WHERE c.id = orders.customer_id AND orders.id = 1 RETURNING c",
+    # a second red-team pass
+    "column aliases in from": "SELECT i, upper(e), s || '' FROM customers c(i, n, e, p, s)",
+    "join column aliases": "SELECT upper(x) FROM (customers CROSS JOIN orders) AS j(a, b, x)",
+    "cte name shadowing the table": "SELECT upper(email), ssn || '', (WITH customers AS (SELECT 1) SELECT 1)"
+                                    " FROM customers",
+    "cte name shadowing pg_stats": "SELECT histogram_bounds::text, (WITH pg_stats AS (SELECT 1) SELECT 1)"
+                                   " FROM pg_stats WHERE tablename = 'customers'",
+    "inherit": "ALTER TABLE customers INHERIT orders",
+    "alter column type": "ALTER TABLE customers ALTER COLUMN ssn TYPE varchar(3)",
+    "index on masked column": "CREATE INDEX cust_ssn ON customers (ssn)",
+    "cluster": "CLUSTER customers USING customers_email",
+    "rollup by ordinal": "SELECT ssn, id, count(*) FROM customers GROUP BY ROLLUP (1, 2)",
+    "rollup by alias": "SELECT ssn AS s, count(*) FROM customers GROUP BY ROLLUP (s)",
+    "plain distinct": "SELECT DISTINCT ssn, id FROM customers",
+    "distinct star": "SELECT DISTINCT * FROM customers",
 }
 
 
@@ -280,6 +295,9 @@ def test_writes_stay_possible_and_the_error_detail_is_masked(masked: Proxy, post
             conn.execute("INSERT INTO customers (id, name, email) VALUES (4, 'Dup', 'ada@example.com')")
         detail = exc.value.diag.message_detail or ""
         assert "Key (email)=(…) already exists" in detail and "ada@example.com" not in detail
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as exc:  # values quoted in the message
+            conn.execute("INSERT INTO customers (id, name) VALUES ('123-45-6789'::int, 'x')")
+        assert str(exc.value).startswith('invalid input syntax for type integer: "…"'), str(exc.value)
         conn.execute("DELETE FROM customers WHERE id = 3")
 
 

@@ -65,6 +65,9 @@ class _Table:
 SQL_TEXT_FUNCTIONS = frozenset({"ts_stat", "ts_rewrite"})
 # Statements that would change which columns the name-based masking rules match.
 _RENAMES = (ast.RenameStmt, ast.AlterObjectSchemaStmt)
+# Statements that change a table's shape, order or ancestry.
+_TABLE_CHANGES = (ast.AlterTableStmt, ast.IndexStmt, ast.ClusterStmt, ast.CreateStmt, ast.CreateStatsStmt,
+                  ast.AlterDomainStmt)
 
 
 def _names(fields: tuple) -> list[str | None]:
@@ -116,10 +119,11 @@ def check(stmt: ast.Node, schema: Schema) -> None:
         raise Refused("renaming or moving tables, columns or schemas changes which columns the masking rules "
                       "match; an identity with masked columns cannot do it")
     nodes = list(_nodes(stmt))
-    ctes = {c.ctename for n in nodes if isinstance(n, ast.WithClause) for c in n.ctes or ()}
     tables: list[_Table] = []
     for n in nodes:
-        if isinstance(n, ast.RangeVar) and not (n.schemaname is None and n.relname in ctes):
+        # A name that is also a CTE's counts as the table too: a CTE only covers its own scope, and
+        # `(WITH customers AS (...) SELECT 1)` must not hide the real customers elsewhere.
+        if isinstance(n, ast.RangeVar):
             name = n.relname
             if name in VALUE_EXPOSING_CATALOG:
                 raise Refused(f"{name} shows column values, and this identity has masked columns")
@@ -138,6 +142,13 @@ def check(stmt: ast.Node, schema: Schema) -> None:
                               "masked values")
     if not masking:
         return
+    if isinstance(stmt, _TABLE_CHANGES):
+        # ALTER COLUMN TYPE to a checking domain, CHECK constraints, INHERIT / ATTACH PARTITION,
+        # indexes and CLUSTER all turn stored values into errors, orderings or another origin.
+        raise Refused(f"{type(stmt).__name__} on {masking[0].name}, which has masked columns, could expose or "
+                      "probe them; an identity with masked columns cannot change it")
+    if any(isinstance(n, ast.Alias) and n.colnames for n in nodes):
+        raise Refused("column aliases in FROM (t(a, b, ...)) rename masked columns where dbguard cannot follow them")
     if isinstance(stmt, ast.CopyStmt):
         # COPY TO: the rows are masked by dbguard.masking.copy; its query is judged like a SELECT
         # (plain columns allowed). COPY FROM is a write; its WHERE filters input, not stored rows.
@@ -176,8 +187,11 @@ def _check_output_references(stmt: ast.Node, masking: list[_Table], tables: list
         return
     targets = list(stmt.targetList or ())
     aliases = {t.name: t for t in targets if t.name}
-    items = [getattr(s, "node", s) for s in stmt.sortClause or ()] + list(stmt.groupClause or ()) + [
+    items = [getattr(s, "node", s) for s in stmt.sortClause or ()] + list(_grouping(stmt.groupClause)) + [
         d for d in stmt.distinctClause or () if d is not None]
+    if stmt.distinctClause and any(d is None for d in stmt.distinctClause):
+        # plain DISTINCT sorts (or hashes) by every output column: a masked one orders the rows
+        items += [t.val for t in targets if isinstance(t.val, ast.ColumnRef)]
     for item in items:
         target = None
         if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
@@ -191,11 +205,25 @@ def _check_output_references(stmt: ast.Node, masking: list[_Table], tables: list
                 raise Refused("ORDER BY, GROUP BY or DISTINCT ON by position over * may use a masked column")
         elif isinstance(item, ast.ColumnRef) and len(item.fields) == 1 and _names(item.fields)[0] in aliases:
             target = aliases[_names(item.fields)[0]]
+        elif isinstance(item, ast.ColumnRef):  # a plain output column that DISTINCT orders by
+            try:
+                _check_ref(_names(item.fields), masking, tables)
+            except Refused as exc:
+                raise Refused(f"DISTINCT over a masked column orders and groups by it: {exc}") from None
         if target is not None and isinstance(target.val, ast.ColumnRef):
             try:
                 _check_ref(_names(target.val.fields), masking, tables)
             except Refused as exc:
                 raise Refused(f"ordering or grouping by an output column that is masked: {exc}") from None
+
+
+def _grouping(items: Any) -> Iterator[Any]:
+    """GROUP BY items, with ROLLUP / CUBE / GROUPING SETS opened up."""
+    for item in items or ():
+        if isinstance(item, ast.GroupingSet):
+            yield from _grouping(item.content)
+        else:
+            yield item
 
 
 def _matches(t: _Table, qualifier: str) -> bool:

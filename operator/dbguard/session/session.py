@@ -36,7 +36,7 @@ from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtoc
 from dbguard.pgwire import messages as m
 from dbguard.pgwire.backend import HOLD
 from dbguard.session import upstream
-from dbguard.session.completions import CompletionTracker, Pending
+from dbguard.session.completions import CompletionTracker, Pending, redact_message
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
 from dbguard.sqlstate import SqlState
 
@@ -454,9 +454,12 @@ class ClientSession(asyncio.Protocol):
             fields = m.decode_error_fields(payload)
             if fields.get("S") in ("ERROR", "FATAL", "PANIC"):
                 self.completions.error(fields.get("C", ""), fields.get("M", ""))
-            if self.mask_set is not None and "D" in fields:
-                # "Key (ssn)=(123-45-6789) already exists.": the server quotes values in details
-                fields["D"] = redact_detail(fields["D"])
+            if self.mask_set is not None:
+                # "Key (ssn)=(123-45-6789) already exists.", 'invalid input syntax for type integer:
+                # "123-45-6789"': the server quotes values in messages and details
+                fields["M"] = redact_message(fields.get("M", ""))
+                if "D" in fields:
+                    fields["D"] = redact_detail(fields["D"])
                 return m.encode_error_fields(b"E", fields)
             return None
         if type_code == 0x73 or type_code == 0x49:  # 's' PortalSuspended, 'I' EmptyQueryResponse
