@@ -11,10 +11,10 @@ the writer falls idle and at shutdown.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ log = logging.getLogger("dbguard.ledger")
 
 BATCH_MAX = 1000
 BLOCK_MAX = 256  # reads in one block entry
+READ_LINGER = 0.05  # seconds a batch of entries nobody waits for may gather before its commit
 RETRY_LIMIT = 100_000  # non-durable entries kept for retry while the store fails
 
 
@@ -153,7 +154,11 @@ class LedgerWriter:
         self._key = signing_key
         self._checkpoint_every = checkpoint_every
         self._seq, self._prev, self._signed_seq = store.tail(chain)
-        self._queue: queue.Queue[tuple[bytes, Waiter | None, bool] | None] = queue.Queue()
+        # Entries wait in a deque (appending is atomic); the writer wakes for a durable entry, for
+        # shutdown, or every READ_LINGER: reads never wake it one by one.
+        self._items: collections.deque[tuple[bytes, Waiter | None, bool]] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
         self._retry: list[tuple[bytes, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
@@ -178,46 +183,41 @@ class LedgerWriter:
                 future = asyncio.get_running_loop().create_future()
             except RuntimeError:
                 future = concurrent.futures.Future()
-        self._queue.put((data, future, block))
+        self._items.append((data, future, block))
+        if future is not None or len(self._items) >= BATCH_MAX:
+            self._wake.set()
         return future
 
     def queued(self) -> int:
         """Entries not yet committed: the ledger's lag."""
-        return self._queue.qsize() + len(self._retry)
+        return len(self._items) + len(self._retry)
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout)
         self.store.close()
 
     # -- writer thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if self._retry:
-                    self._commit([])
-                self._sign_tail()  # idle: sign what the last burst left unsigned
-                continue
-            batch: list[tuple[bytes, Waiter | None, bool]] = []
-            if item is None:
-                stop = True
-            else:
-                batch.append(item)
-            while len(batch) < BATCH_MAX:  # group commit: take whatever queued up meanwhile
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            if batch or self._retry:
+        idle_since = time.monotonic()
+        while True:
+            self._wake.wait(READ_LINGER)
+            self._wake.clear()
+            stop = self._stopping
+            items = self._items
+            while items or self._retry:  # group commit: everything that queued up, in batches
+                batch = [items.popleft() for _ in range(min(len(items), BATCH_MAX))]
                 self._commit(batch)
+                idle_since = time.monotonic()
+                if self.last_failed:
+                    break  # retried at the next wake-up
+            if stop and not items:
+                break
+            if time.monotonic() - idle_since >= 1.0:
+                self._sign_tail()  # idle: sign what the last burst left unsigned
+                idle_since = time.monotonic()
         self._sign_tail()  # a clean shutdown leaves the whole chain signed
 
     def _sign_tail(self) -> None:
