@@ -760,7 +760,9 @@ class ClientSession(asyncio.Protocol):
 
     def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str, now: datetime.datetime) -> None:
         future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
-        self._after_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
+        if future is None:
+            return self._finish_query(msg, verdict, None)  # a read: nothing to wait for
+        return self._after_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
 
     def _finish_query(self, msg: m.Query, verdict: Verdict, failed: Refusal | None) -> None:
         refusal = failed or verdict.refusal
@@ -817,16 +819,17 @@ class ClientSession(asyncio.Protocol):
                 "sqlstate": str(refusal.sqlstate) if refusal is not None else "",
                 "reason": refusal.message if refusal is not None else "",
             })[1:-1]
+            reads = all(map(read_only, verdict.judged))
             if refusal is None:
                 if len(_SHAPE_MEMO) > 10_000:
                     _SHAPE_MEMO.clear()
-                _SHAPE_MEMO[key] = (verdict.judged, verdict.decisions, shape)
+                _SHAPE_MEMO[key] = (verdict.judged, verdict.decisions, shape, reads)
         else:
-            shape = memo[2]
+            shape, reads = memo[2], memo[3]
         self._stmt_no += 1
         members = (b'"stmt":%d,"protocol":"' % self._stmt_no + protocol.encode() + b'","statement":'
                    + orjson.dumps(statement[:4096]))
-        durable = refusal is not None or not all(map(read_only, verdict.judged))
+        durable = refusal is not None or not reads
         if not durable:
             # A read's entry waits for its completion (rows, duration, error) and is written once.
             self._decided = (self._stmt_no, (iso_time(now), self._event_prefix + b"," + members + b"," + shape))
@@ -920,8 +923,10 @@ class ClientSession(asyncio.Protocol):
     def _apply_bind(self, msg: m.Bind, verdict: Verdict, now: datetime.datetime) -> None:
         if verdict.refusal is not None:
             self._discard_until_sync = True
-        self._after_commit(self._emit_bind_decision(verdict, now),
-                           lambda failed: self._finish_bind(msg, verdict, failed))
+        future = self._emit_bind_decision(verdict, now)
+        if future is None:
+            return self._finish_bind(msg, verdict, None)
+        return self._after_commit(future, lambda failed: self._finish_bind(msg, verdict, failed))
 
     def _finish_bind(self, msg: m.Bind, verdict: Verdict, failed: Refusal | None) -> None:
         refusal = failed or verdict.refusal
