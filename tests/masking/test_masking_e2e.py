@@ -341,3 +341,41 @@ def test_hash_needs_a_key_and_lines_up_equal_values(pg: Postgres, tmp_path: path
         assert rows[1] == rows[3] != rows[2] and rows[1].startswith("h:") and len(rows[1]) == 18
     finally:
         proxy.stop()
+
+
+COMMENTS_POLICY = """apiVersion: dbguard.io/v1alpha1
+kind: GuardrailPolicy
+metadata: {name: masked-by-comment}
+spec:
+  masking:
+    - fromComments: true          # COMMENT ON COLUMN ... IS '... dbguard:mask=STRATEGY [option=value]'
+      except: {groups: [dba]}
+"""
+
+
+def test_columns_can_be_declared_masked_by_their_comment(pg: Postgres, tmp_path: pathlib.Path):
+    policy = tmp_path / "comments.yaml"
+    policy.write_text(COMMENTS_POLICY)
+    pg.psql("SET ROLE app; CREATE TABLE t_scratch (id int, secret text, hint text);"
+            "INSERT INTO t_scratch VALUES (1, 'top-secret-1', 'abcdef');"
+            "COMMENT ON COLUMN t_scratch.secret IS 'Launch codes. dbguard:mask=redact'")
+    proxy = start_proxy(pg, tmp_path, "--policy", str(policy))
+    try:
+        assert data_rows(raw_query(proxy, "alice", "SELECT id, secret, hint FROM t_scratch")) \
+            == [[b"1", b"****", b"abcdef"]]
+        assert data_rows(raw_query(proxy, "bob", "SELECT secret FROM t_scratch")) == [[b"top-secret-1"]]
+        replies = raw_query(proxy, "alice", "SELECT upper(secret) FROM t_scratch")
+        assert [m.decode_error_fields(p)["C"] for t, p in replies if t == "E"] == ["42501"]
+        # a comment added later, through the proxy, takes effect at once
+        raw_query(proxy, "bob", "COMMENT ON COLUMN t_scratch.hint IS 'dbguard:mask=partial keepFirst=2 keepLast=0'")
+        assert data_rows(raw_query(proxy, "alice", "SELECT hint FROM t_scratch")) == [[b"ab****"]]
+    finally:
+        proxy.stop()
+
+
+def test_a_fromcomments_rule_takes_no_columns(tmp_path: pathlib.Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(COMMENTS_POLICY.replace("fromComments: true", "fromComments: true\n      columns: [x.y]"))
+    r = subprocess.run([sys.executable, "-m", "dbguard", "check", "--policy", str(bad), "--identity", "alice",
+                        "--sql", "SELECT 1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "fromComments" in r.stderr and "bad.yaml:6:" in r.stderr, r.stderr  # with its line

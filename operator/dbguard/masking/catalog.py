@@ -18,7 +18,8 @@ from collections.abc import Iterable
 import psycopg
 
 from dbguard.config import UpstreamSettings
-from dbguard.masking.rules import ColumnMask, MaskSet
+from dbguard.masking.rules import ColumnMask, CommentMask, MaskSet, parse_comment
+from dbguard.policy.spec import MASK_STRATEGIES
 
 log = logging.getLogger("dbguard.masking")
 
@@ -41,6 +42,12 @@ _VIEW_DEPENDENCIES = """
 SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
 WHERE d.refobjid <> r.ev_class
+"""
+_COMMENTS = """
+SELECT d.objoid, d.objsubid, a.attname, a.atttypid, d.description FROM pg_description d
+JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid
+WHERE d.classoid = 'pg_class'::regclass AND d.objsubid > 0 AND NOT a.attisdropped
+  AND d.description LIKE '%%dbguard:mask=%%'
 """
 _USER_FUNCTIONS = """
 SELECT DISTINCT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -66,6 +73,7 @@ class Snapshot:
     view_deps: dict[int, set[tuple[int, int]]]  # view oid -> (relation oid, attnum) its rules read; 0 = whole row
     user_functions: frozenset[str]
     table_columns: dict[int, list[tuple[str, int]]]  # user relation oid -> [(column, attnum)] in order (COPY)
+    comments: dict[tuple[int, int], CommentMask]  # (relation oid, attnum) -> the mask its comment declares
     version: int
     taken: float
 
@@ -82,7 +90,7 @@ class IdentityMasks:
             rel = snap.relations.get(oid)
             if rel is None:
                 continue
-            mask = masks.lookup(rel.schema, rel.name, column)
+            mask = masks.lookup(rel.schema, rel.name, column, snap.comments.get((oid, attnum)))
             if mask is not None:
                 self.by_attribute[(oid, attnum)] = (mask, typ)
                 masked_rel.setdefault(oid, set()).add(column)
@@ -146,7 +154,9 @@ class IdentityMasks:
 class Catalog:
     """The proxy's catalog snapshot and its refreshes (one at a time; callers share the result)."""
 
-    def __init__(self, upstream: UpstreamSettings, column_names: frozenset[str], *, max_age: float = 30.0) -> None:
+    def __init__(self, upstream: UpstreamSettings, column_names: frozenset[str], *, max_age: float = 30.0,
+                 read_comments: bool = False) -> None:
+        self.read_comments = read_comments  # a `fromComments` masking rule: columns declared by comment
         self._upstream = upstream
         self._columns = sorted(column_names)
         self.max_age = max_age
@@ -176,6 +186,17 @@ class Catalog:
             for view, oid, attnum in await (await conn.execute(_VIEW_DEPENDENCIES)).fetchall():
                 deps.setdefault(view, set()).add((oid, attnum))
             funcs = frozenset(name for (name,) in await (await conn.execute(_USER_FUNCTIONS)).fetchall())
+            comments: dict[tuple[int, int], CommentMask] = {}
+            if self.read_comments:
+                for oid, num, name, typ, text in await (await conn.execute(_COMMENTS, ())).fetchall():
+                    declared = parse_comment(text)
+                    if declared is not None:
+                        if declared[0] not in MASK_STRATEGIES:
+                            log.warning("column comment on %s asks for unknown masking strategy %r; redacting",
+                                        name, declared[0])
+                            declared = ("redact", ())
+                        comments[(oid, num)] = declared
+                        attrs[(oid, num)] = (name, typ)
             table_columns: dict[int, list[tuple[str, int]]] = {}
             for oid, num, name, _typ in await (await conn.execute(_USER_COLUMNS)).fetchall():
                 table_columns.setdefault(oid, []).append((name, num))
@@ -186,7 +207,7 @@ class Catalog:
         for (oid, num), (name, _) in attrs.items():
             columns_of.setdefault(oid, {})[name] = num
         self._version += 1
-        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, table_columns, self._version,
+        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, table_columns, comments, self._version,
                         time.monotonic())
 
     async def current(self) -> Snapshot:

@@ -35,8 +35,32 @@ class _Pattern:
     rule: MaskRule
     name: str
 
-    def matches(self, schema: str, table: str, column: str) -> bool:
+    def matches(self, schema: str, table: str, column: str, comment: CommentMask | None) -> bool:
+        if self.rule.from_comments:
+            return comment is not None
         return (self.column == column and self.table in ("*", table) and self.schema in ("*", schema))
+
+
+# A column comment's mask: (strategy, options) parsed from `dbguard:mask=STRATEGY key=value ...`.
+CommentMask = tuple[str, tuple[tuple[str, Any], ...]]
+
+
+def parse_comment(text: str) -> CommentMask | None:
+    """``Social security number. dbguard:mask=partial keepLast=4`` -> ("partial", (("keepLast", 4),))."""
+    marker = text.find("dbguard:mask=")
+    if marker < 0:
+        return None
+    words = text[marker + len("dbguard:mask="):].split()
+    if not words:
+        return None
+    strategy = words[0].rstrip(".,;")
+    options: list[tuple[str, Any]] = []
+    for word in words[1:]:
+        key, eq, value = word.rstrip(".,;").partition("=")
+        if not eq:
+            break
+        options.append((key, int(value) if value.isdigit() else value))
+    return strategy, tuple(sorted(options))
 
 
 def _pattern(ref: str, rule: MaskRule, name: str) -> _Pattern:
@@ -53,18 +77,21 @@ class MaskSet:
         self._patterns = [p for p in patterns if not p.rule.only_groups or groups & set(p.rule.only_groups)]
         self._groups = groups
         self.column_names = frozenset(p.column for p in self._patterns)
+        self.uses_comments = any(p.rule.from_comments for p in self._patterns)
 
     def __bool__(self) -> bool:
         return any(not (self._groups & set(p.rule.except_groups)) for p in self._patterns)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - MaskSets live as long as their policy revision
-    def lookup(self, schema: str, table: str, column: str) -> ColumnMask | None:
-        if column not in self.column_names:
+    def lookup(self, schema: str, table: str, column: str, comment: CommentMask | None = None) -> ColumnMask | None:
+        if column not in self.column_names and (comment is None or not self.uses_comments):
             return None
         for p in self._patterns:
-            if p.matches(schema, table, column):
+            if p.matches(schema, table, column, comment):
                 if self._groups & set(p.rule.except_groups):
                     return None
+                if p.rule.from_comments and comment is not None:
+                    return ColumnMask(comment[0], comment[1], f"{p.name} (comment on {table}.{column})")
                 return ColumnMask(p.rule.strategy, tuple(sorted(p.rule.options.items())), p.name)
         return None
 
@@ -74,7 +101,9 @@ class MaskPolicy:
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         self._patterns = [_pattern(ref, rule, f"{policy.name}/masking[{i}]")
-                          for policy in policies for i, rule in enumerate(policy.masking) for ref in rule.columns]
+                          for policy in policies for i, rule in enumerate(policy.masking)
+                          for ref in (rule.columns or ("*.*.*",))]  # a fromComments rule: one entry
+        self.uses_comments = any(p.rule.from_comments for p in self._patterns)
         self._cache: dict[frozenset[str], MaskSet] = {}
         self.column_names = frozenset(p.column for p in self._patterns)
 

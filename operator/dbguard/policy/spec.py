@@ -139,6 +139,7 @@ class MaskRule:
     options: dict[str, Any]
     except_groups: tuple[str, ...] = ()  # these groups see clear text
     only_groups: tuple[str, ...] = ()  # the rule applies only to these groups (empty: to everyone)
+    from_comments: bool = False  # columns whose comment says `dbguard:mask=STRATEGY [option=value ...]`
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,10 +320,16 @@ def _rule(ctx: _Ctx, r: Any, i: int, line: int) -> Rule:
 
 def _mask(ctx: _Ctx, m: Any, i: int, line: int) -> MaskRule:
     where = f"spec.masking[{i}]"
-    _check_keys(ctx, m, {"columns", "strategy", "options", "except", "identities"}, where, line,
-                required=("columns", "strategy"))
+    from_comments = m.get("fromComments", False) if isinstance(m, dict) else False
+    _check_keys(ctx, m, {"columns", "strategy", "options", "except", "identities", "fromComments"}, where, line,
+                required=() if from_comments is True else ("columns", "strategy"))
     line = _line(m, line)
-    strategy = m["strategy"]
+    if not isinstance(from_comments, bool):
+        raise ctx.fail(line, f"{where}.fromComments", "expected true or false")
+    if from_comments and ("columns" in m or "strategy" in m):
+        raise ctx.fail(line, where, "fromComments takes the columns and the strategy from column comments; "
+                                    "drop columns and strategy")
+    strategy = m.get("strategy", "redact")
     if strategy not in MASK_STRATEGIES:
         raise ctx.fail(line, f"{where}.strategy", f"unknown strategy {strategy!r}; allowed: {sorted(MASK_STRATEGIES)}")
     options = m.get("options", {})
@@ -337,8 +344,9 @@ def _mask(ctx: _Ctx, m: Any, i: int, line: int) -> MaskRule:
     for key, value in options.items():
         if key in ("keepFirst", "keepLast", "length") and (not isinstance(value, int) or value < 0):
             raise ctx.fail(line, f"{where}.options.{key}", "expected a non-negative integer")
-    return MaskRule(columns=_str_list(ctx, m["columns"], f"{where}.columns", line, pattern=_COLUMN),
-                    strategy=strategy, options=dict(options), except_groups=groups, only_groups=only)
+    columns = () if from_comments else _str_list(ctx, m["columns"], f"{where}.columns", line, pattern=_COLUMN)
+    return MaskRule(columns=columns, strategy=strategy, options=dict(options), except_groups=groups,
+                    only_groups=only, from_comments=from_comments)
 
 
 def parse_policy(doc: Any, source: str) -> Policy:

@@ -87,7 +87,7 @@ def build_masking(settings: ProxySettings) -> MaskGuard | None:
                           "(the same key on every proxy, so hashed values line up)")
     else:
         key = secrets.token_bytes(32)  # unused: no rule hashes
-    return MaskGuard(policy, Catalog(settings.upstream, policy.column_names), key)
+    return MaskGuard(policy, Catalog(settings.upstream, policy.column_names, read_comments=policy.uses_comments), key)
 
 
 def build_proxy(settings: ProxySettings) -> Proxy:
