@@ -23,6 +23,7 @@ class ProxyStats:
     refusals: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by rule
     ledger_refusals: int = 0  # statements refused because the ledger could not commit them
     connections: int = 0
+    masked_rows: int = 0  # DataRows and COPY rows rewritten by masking
 
 
 class ProxyCollector(Collector):
@@ -39,6 +40,7 @@ class ProxyCollector(Collector):
         for rule, n in sorted(stats.refusals.items()):
             refusals.add_metric([rule], n)
         yield refusals
+        yield CounterMetricFamily("dbguard_masked_rows", "result rows sent with masked values", value=stats.masked_rows)
         cache = proxy.facts_cache
         yield CounterMetricFamily("dbguard_facts_cache_hits", "statement analyses served from cache", value=cache.hits)
         yield CounterMetricFamily("dbguard_facts_cache_misses", "statements parsed and analyzed",

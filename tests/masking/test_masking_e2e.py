@@ -19,7 +19,8 @@ import psycopg
 import pytest
 
 from dbguard.pgwire import messages as m
-from tests.fix_postgres import Postgres, reset_schema, wait_until
+from tests.audit.test_ledger_e2e import metrics
+from tests.fix_postgres import Postgres, free_port, reset_schema, wait_until
 from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, Proxy, start_proxy
 from tests.session.test_wire import Raw
 
@@ -359,16 +360,19 @@ def test_columns_can_be_declared_masked_by_their_comment(pg: Postgres, tmp_path:
     pg.psql("SET ROLE app; CREATE TABLE t_scratch (id int, secret text, hint text);"
             "INSERT INTO t_scratch VALUES (1, 'top-secret-1', 'abcdef');"
             "COMMENT ON COLUMN t_scratch.secret IS 'Launch codes. dbguard:mask=redact'")
-    proxy = start_proxy(pg, tmp_path, "--policy", str(policy))
+    metrics_port = free_port()
+    proxy = start_proxy(pg, tmp_path, "--policy", str(policy), "--metrics-listen", f"127.0.0.1:{metrics_port}")
     try:
         assert data_rows(raw_query(proxy, "alice", "SELECT id, secret, hint FROM t_scratch")) \
             == [[b"1", b"****", b"abcdef"]]
+        assert metrics(metrics_port)["dbguard_masked_rows_total"] == 1
         assert data_rows(raw_query(proxy, "bob", "SELECT secret FROM t_scratch")) == [[b"top-secret-1"]]
         replies = raw_query(proxy, "alice", "SELECT upper(secret) FROM t_scratch")
         assert [m.decode_error_fields(p)["C"] for t, p in replies if t == "E"] == ["42501"]
         # a comment added later, through the proxy, takes effect at once
         raw_query(proxy, "bob", "COMMENT ON COLUMN t_scratch.hint IS 'dbguard:mask=partial keepFirst=2 keepLast=0'")
         assert data_rows(raw_query(proxy, "alice", "SELECT hint FROM t_scratch")) == [[b"ab****"]]
+        assert metrics(metrics_port)['dbguard_refusals_total{rule="dbguard:mask-lineage"}'] == 1
     finally:
         proxy.stop()
 

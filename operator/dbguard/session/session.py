@@ -519,6 +519,7 @@ class ClientSession(asyncio.Protocol):
         if not plan:
             return None
         assert self.proxy.masking is not None
+        self.proxy.stats.masked_rows += 1
         return mask_data_row(payload, plan, self.proxy.masking.hash_key)
 
     def _hold_for_catalog(self) -> None:
@@ -568,6 +569,7 @@ class ClientSession(asyncio.Protocol):
         self._copy_rows += 1
         if not plan or (plan.header and self._copy_rows == 1):
             return None
+        self.proxy.stats.masked_rows += 1
         row = mask_copy_row(payload, plan)
         return b"d" + struct.pack("!i", len(row) + 4) + row
 
