@@ -67,7 +67,7 @@ SQL_TEXT_FUNCTIONS = frozenset({"ts_stat", "ts_rewrite"})
 _RENAMES = (ast.RenameStmt, ast.AlterObjectSchemaStmt)
 # Statements that change a table's shape, order or ancestry.
 _TABLE_CHANGES = (ast.AlterTableStmt, ast.IndexStmt, ast.ClusterStmt, ast.CreateStmt, ast.CreateStatsStmt,
-                  ast.AlterDomainStmt)
+                  ast.AlterDomainStmt, ast.CreateTrigStmt, ast.RuleStmt, ast.CreatePolicyStmt)
 
 
 def _names(fields: tuple) -> list[str | None]:
@@ -115,6 +115,9 @@ def _plain_from(item: Any) -> bool:
 
 def check(stmt: ast.Node, schema: Schema) -> None:
     """Raise ``Refused`` (with the reason) when a masked value could leave unmasked or be probed."""
+    if isinstance(stmt, ast.DoStmt):
+        raise Refused("a DO block runs code dbguard cannot see into (RAISE, NOTICE, dynamic SQL), and this identity "
+                      "has masked columns")
     if isinstance(stmt, _RENAMES):
         raise Refused("renaming or moving tables, columns or schemas changes which columns the masking rules "
                       "match; an identity with masked columns cannot do it")
