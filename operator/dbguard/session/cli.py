@@ -28,10 +28,17 @@ their token as the password; with --workload-identity (sidecar mode) every local
 identity. The upstream credentials stay in the proxy: put the password in the URL, in
 --upstream-password-file, or in $DBGUARD_UPSTREAM_PASSWORD.
 
+Masking: the policies' masking rules mask result columns per identity (docs/masking.md); SQL that
+could pull a masked value out another way is refused. Audit: with --ledger every connection,
+decision and outcome is chained into a tamper-evident ledger, writes and refusals durably before
+they run (docs/ledger.md; query it with `dbguard audit`).
+
 examples:
   dbguard proxy --listen 127.0.0.1:6432 \\
       --upstream postgresql://app@127.0.0.1:5432/shop --upstream-password-file /run/secrets/pg \\
       --policy examples/policy.yaml --tokens examples/tokens.yaml
+  dbguard proxy ... --policy examples/policy.yaml --policy examples/masking.yaml \\
+      --ledger /var/lib/dbguard/ledger.db --ledger-signing-key /run/secrets/ledger.key
   psql "host=127.0.0.1 port=6432 dbname=shop user=alice password=alice-dev-token"
 """
 
