@@ -118,6 +118,9 @@ def test_prepare_execute_and_deallocate_carry_the_name():
     assert execute.prepared_name == "q" and Flag.EXECUTE in execute.flags
     assert analyze("DEALLOCATE q")[0].prepared_name == "q"
     assert analyze("DEALLOCATE ALL")[0].prepared_name == ""
+    nested = analyze("CREATE TABLE x AS EXECUTE q(1)")[0]  # judged on q's body, and named in errors
+    assert nested.prepared_name == "q" and Flag.EXECUTE in nested.flags
+    assert analyze("EXPLAIN ANALYZE EXECUTE q(1)")[0].prepared_name == "q"
 
 
 @pytest.mark.parametrize("sql, sqlstate", [

@@ -142,6 +142,7 @@ class _Collector:
     ctes: set[str] = dataclasses.field(default_factory=set)
     objects: set[int] = dataclasses.field(default_factory=set)  # ids of RangeVars acted on, not read
     literal_sensitive: bool = False
+    executed: str = ""  # the prepared statement an EXECUTE (possibly nested: CREATE TABLE AS EXECUTE) runs
 
     def act(self, **kw: Any) -> None:
         action = Action(**kw)
@@ -176,8 +177,10 @@ def _statement_facts(stmt: ast.Node, text: str) -> StatementFacts:
     c = _Collector()
     _visit_statement(stmt, c, nested=False)
     prepared_name = ""
-    if kind in ("PrepareStmt", "ExecuteStmt"):
+    if kind == "PrepareStmt":
         prepared_name = stmt.name or ""
+    elif Flag.EXECUTE in c.flags:
+        prepared_name = c.executed  # EXECUTE p, also inside CREATE TABLE AS / EXPLAIN
     elif kind == "DeallocateStmt":
         prepared_name = "" if getattr(stmt, "isall", False) else (stmt.name or "")
     try:
@@ -437,6 +440,7 @@ def _visit_prepare(stmt: Any, c: _Collector, nested: bool) -> None:
 
 def _visit_execute(stmt: Any, c: _Collector, nested: bool) -> None:
     c.flags.add(Flag.EXECUTE)
+    c.executed = stmt.name or ""
     _walk(stmt.params, c, nested)
 
 
