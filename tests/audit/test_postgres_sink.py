@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from tests.audit.conftest import audit
+from tests.audit.test_ledger_e2e import kill_9_mid_writes
 from tests.fix_postgres import Postgres, wait_until
 from tests.fix_proxy import start_proxy
 
@@ -123,3 +124,15 @@ def test_an_unreachable_postgres_sink_refuses_writes_then_recovers(pg: Postgres,
     finally:
         proxy.stop()
     assert "ledger unavailable" in proxy.log()
+
+
+def test_kill_9_with_the_postgres_sink_loses_no_answered_write(pg: Postgres, tmp_path, keys, ledger_db):
+    priv, pub = keys
+    proxy = pg_proxy(pg, tmp_path, ledger_db, priv, "proxy-a")
+    answered = kill_9_mid_writes(proxy)
+    r = audit("verify", "--ledger", ledger_db, "--public-key", str(pub))
+    assert r.returncode == 0, r.stdout
+    db = ledger_db.rsplit("/", 1)[1].split("?")[0]
+    writes = int(pg.psql("SELECT count(*) FROM dbguard_audit.entries WHERE kind = 'decision'"
+                         " AND convert_from(data, 'UTF8') LIKE '%UPDATE orders SET amount%'", db=db).strip())
+    assert writes >= answered, (writes, answered)
