@@ -22,7 +22,7 @@ from dbguard.pgwire import messages as m
 from tests.audit.test_ledger_e2e import metrics
 from tests.fix_postgres import Postgres, free_port, reset_schema, wait_until
 from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, Proxy, start_proxy
-from tests.session.test_wire import Raw
+from tests.session.test_wire import Raw, parse
 
 PII = ["ada@example.com", "grace@example.com", "+1-555-0101", "+1-555-0102", "123-45-6789", "987-65-4321",
        "555-0101", "45-6789", "ada@", "grace@"]
@@ -394,3 +394,43 @@ def test_a_fromcomments_rule_takes_no_columns(tmp_path: pathlib.Path):
     r = subprocess.run([sys.executable, "-m", "dbguard", "check", "--policy", str(bad), "--identity", "alice",
                         "--sql", "SELECT 1"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "fromComments" in r.stderr and "bad.yaml:6:" in r.stderr, r.stderr  # with its line
+
+
+def _execute(portal: str = "") -> bytes:
+    body = portal.encode() + b"\x00" + struct.pack("!i", 0)
+    return b"E" + struct.pack("!i", 4 + len(body)) + body
+
+
+@pytest.mark.parametrize("executes", [["p2", "p1"], ["p2"]], ids=["out of order", "one of two"])
+def test_copy_plans_follow_the_portal_not_the_order_of_binds(masked: Proxy, executes: list[str]):
+    # found by review: plans were matched by order within the round trip
+    raw = Raw(masked.port)
+    try:
+        raw.login("alice", TOKENS["alice"])
+        raw.send(parse("s1", "COPY (SELECT id FROM customers) TO STDOUT")
+                 + parse("s2", "COPY customers (id, email, ssn) TO STDOUT")
+                 + m.encode_bind(statement="s1", portal="p1") + m.encode_bind(statement="s2", portal="p2")
+                 + b"".join(_execute(p) for p in executes) + m.encode_sync())
+        replies = raw.until_ready()
+    finally:
+        raw.close()
+    no_pii(b"".join(p for _, p in replies))
+    copied = b"".join(p for t, p in replies if t == "d")
+    assert b"****@example.com" in copied
+
+
+def test_a_result_from_uncommitted_ddl_closes_the_session_rather_than_hang(masked: Proxy):
+    raw = Raw(masked.port)
+    try:
+        raw.login("alice", TOKENS["alice"])
+        raw.send(m.encode_query("BEGIN; CREATE TABLE t_uncommitted (a int); INSERT INTO t_uncommitted VALUES (1)"))
+        raw.until_ready()
+        raw.send(m.encode_query("SELECT a FROM t_uncommitted"))
+        raw.sock.settimeout(15)
+        t, payload = raw.recv_message()
+        while t != "E":
+            t, payload = raw.recv_message()
+        error = m.decode_error_fields(payload)
+        assert error["S"] == "FATAL" and "commit the DDL first" in error["M"]
+    finally:
+        raw.close()

@@ -106,28 +106,46 @@ def search(conn: Any, q: Query) -> list[dict[str, Any]]:
     if q.until:
         where.append("e.time < ?")
         args.append(parse_time(q.until))
-    sql = (f"SELECT e.chain, e.seq, e.data FROM entries e WHERE {' AND '.join(where) or '1=1'} "
-           "ORDER BY e.time LIMIT ?")
-    rows = conn.execute(sql, [*args, q.limit]).fetchall()
-    out = []
-    for chain, seq, data in rows:
-        event = orjson.loads(data)
-        if event.get("kind") == "reads":
-            for index, read in enumerate(event.get("entries") or ()):
-                if matches(read, q):
-                    read["ledger"] = {"chain": chain, "seq": seq, "index": index}
-                    out.append(read)
-            continue
-        event["ledger"] = {"chain": chain, "seq": seq}
-        if event.get("kind") == "decision" and "completion" not in event and event.get("stmt"):
-            # A write's outcome is its own entry, written after the server answered.
-            found = conn.execute("SELECT data FROM entries WHERE session = ? AND stmt = ? AND kind = 'completion'",
-                                 (event.get("session", ""), event["stmt"])).fetchone()
-            if found:
-                event["completion"] = orjson.loads(found[0]).get("completion")
-        out.append(event)
+    sql = (f"SELECT e.chain, e.seq, e.time, e.data FROM entries e WHERE {' AND '.join(where) or '1=1'} "
+           "ORDER BY e.time, e.id LIMIT ? OFFSET ?")
+    # A block of reads counts as one row but may hold no match, or several: fetch pages until the
+    # limit is met by matches and no row still to come could sort before the last one kept.
+    page = max(q.limit, 500)
+    offset = 0
+    out: list[dict[str, Any]] = []
+    while True:
+        rows = conn.execute(sql, [*args, page, offset]).fetchall()
+        offset += len(rows)
+        for chain, seq, _time, data in rows:
+            out += _expand(conn, chain, seq, data, q)
+        if len(rows) < page:
+            break
+        if len(out) >= q.limit:
+            out.sort(key=lambda e: e.get("time", ""))
+            if rows[-1][2] > out[q.limit - 1].get("time", ""):
+                break  # every later row starts after the last result kept
     out.sort(key=lambda e: e.get("time", ""))
     return out[:q.limit]
+
+
+def _expand(conn: Any, chain: str, seq: int, data: bytes, q: Query) -> list[dict[str, Any]]:
+    """The results one stored entry contributes: itself, or the matching reads of a block."""
+    event = orjson.loads(data)
+    if event.get("kind") == "reads":
+        found = []
+        for index, read in enumerate(event.get("entries") or ()):
+            if matches(read, q):
+                read["ledger"] = {"chain": chain, "seq": seq, "index": index}
+                found.append(read)
+        return found
+    event["ledger"] = {"chain": chain, "seq": seq}
+    if event.get("kind") == "decision" and "completion" not in event and event.get("stmt"):
+        # A write's outcome is its own entry, written after the server answered.
+        done = conn.execute("SELECT data FROM entries WHERE session = ? AND stmt = ? AND kind = 'completion'",
+                            (event.get("session", ""), event["stmt"])).fetchone()
+        if done:
+            event["completion"] = orjson.loads(done[0]).get("completion")
+    return [event]
 
 
 def matches(e: dict[str, Any], q: Query) -> bool:

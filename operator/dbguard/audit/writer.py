@@ -253,6 +253,10 @@ class LedgerWriter:
                 self._last_signed = now
             self.store.write(self.chain, entries, checkpoints)
         except Exception as exc:  # noqa: BLE001 - disk full, locked, server gone: refuse what must be durable
+            if entries and self._landed(seq, prev):
+                log.warning("ledger %s: the commit reported %s but landed; continuing", self.name, exc)
+                self._succeeded(pending, seq, prev, checkpoints)
+                return
             self.failures += 1
             self.last_failed = True
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -270,6 +274,17 @@ class LedgerWriter:
                 self._seq, self._prev, self._signed_seq = self.store.tail(self.chain)
             time.sleep(0.05)
             return
+        self._succeeded(pending, seq, prev, checkpoints)
+
+    def _landed(self, seq: int, prev: str) -> bool:
+        """After an error: did the batch commit anyway (a connection lost during COMMIT)?"""
+        try:
+            return self.store.tail(self.chain)[:2] == (seq, prev)
+        except Exception:  # noqa: BLE001 - the store is down: it did not land as far as we can know
+            return False
+
+    def _succeeded(self, pending: list[tuple[bytes, Waiter | None, bool]], seq: int, prev: str,
+                   checkpoints: list[tuple[int, str, bytes]]) -> None:
         self._seq, self._prev = seq, prev
         self.last_failed = False
         if checkpoints:

@@ -54,8 +54,8 @@ def _options(stmt: ast.CopyStmt) -> dict[str, object]:
 
 def plan_copy(stmt: ast.CopyStmt, masks: IdentityMasks, hash_key: bytes) -> CopyPlan | None:
     """The plan for a COPY TO; None for COPY FROM (a write). Raises Refused for binary masked output."""
-    if stmt.is_from:
-        return None
+    if stmt.is_from or stmt.filename is not None or stmt.is_program:
+        return None  # a write, or output that goes to a server file or program, not to the client
     columns = _output_columns(stmt, masks)
     maskers: dict[int, Callable[[str], str]] = {}
     names = []

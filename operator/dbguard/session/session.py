@@ -102,9 +102,11 @@ class ClientSession(asyncio.Protocol):
         self._query_plan: MaskPlan | None = None  # the simple-protocol result being relayed
         self._copy_plans: collections.deque[tuple[CopyPlan, int]] = collections.deque()  # COPY TO, in order
         self._copy_active: CopyPlan | None = None  # the COPY OUT being relayed
+        self._portal_copies: dict[str, CopyPlan] = {}  # portal -> plan of the COPY TO STDOUT it runs
         self._copy_rows = 0
         self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
-        self._holding: bytearray | None = None  # server output held while the catalog is read again
+        self._holding: bytearray | None = None
+        self._held_once = False  # the current RowDescription was already held for a catalog read  # server output held while the catalog is read again
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -435,6 +437,7 @@ class ClientSession(asyncio.Protocol):
             if status == "I":
                 self._portals.clear()  # portals do not outlive their transaction
                 self._portal_plans.clear()
+                self._portal_copies.clear()
             while self._describes and self._describes[0][2] <= self._rfq_seen:
                 self._describes.popleft()  # skipped after an error
             while self._copy_plans and self._copy_plans[0][1] <= self._rfq_seen:
@@ -488,11 +491,20 @@ class ClientSession(asyncio.Protocol):
             plan = plan_for(parse_row_description(payload), self._masks) if (
                 type_code == 0x54 and self._masks is not None) else MaskPlan((), ())
         except CatalogOutdated as exc:
+            if self._held_once:
+                # Still unknown after a fresh read: created in this client's own open transaction,
+                # where no other connection can see it. Nothing can tell whether to mask it.
+                self._held_once = False
+                return self._fatal_in_stream(
+                    "55000", f"dbguard closed the session: {exc}, and it is not visible outside this session's "
+                             "open transaction (commit the DDL first); dbguard will not pass columns it cannot judge")
             # A column added since the snapshot (DDL outside dbguard): hold the results, read the
             # catalog again, then judge this RowDescription afresh.
             log.info("session %s: %s; refreshing the catalog", self.session_id, exc)
+            self._held_once = True
             self._hold_for_catalog()
             return HOLD
+        self._held_once = False
         if front is not None and front[2] == self._rfq_seen + 1:  # the answer to a Describe
             self._describes.popleft()
             portal, ours, _ = front
@@ -535,7 +547,8 @@ class ClientSession(asyncio.Protocol):
             snap = self.proxy.masking.catalog.snapshot
             assert snap is not None
             self._masks = self.proxy.masking.catalog.resolve(self.mask_set, snap)
-        except (psycopg.Error, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the held result must not be released
+            self._holding = None
             self._fatal("55000", f"dbguard closed the session: it cannot read the catalog to mask this result: {exc}")
             return
         held, self._holding = bytes(self._holding or b""), None
@@ -549,9 +562,13 @@ class ClientSession(asyncio.Protocol):
         if type_code == 0x63:  # CopyDone
             self._copy_active = None
             return None
-        if self._copy_plans and self._copy_plans[0][1] == self._rfq_seen + 1:
+        current = self.completions.current()
+        plan: CopyPlan | None = None
+        if current is not None and not current.until_ready:  # an Execute: its portal's plan
+            plan = self._portal_copies.get(current.portal)
+        elif self._copy_plans and self._copy_plans[0][1] == self._rfq_seen + 1:
             plan = self._copy_plans.popleft()[0]
-        else:
+        if plan is None:
             return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
                                                   "this COPY are masked, and will not pass them unmasked")
         if plan and payload[:1] == b"\x01":  # binary overall format
@@ -580,7 +597,7 @@ class ClientSession(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._fatal, sqlstate, message)
         return self._cut_after
 
-    async def _mask_check(self, sql: str) -> Refusal | None:
+    async def _mask_check(self, sql: str, portal: str | None = None) -> Refusal | None:
         """Refuse what could carry a masked value to the client in a form dbguard cannot mask."""
         assert self.proxy.masking is not None and self.mask_set is not None
         try:
@@ -591,8 +608,14 @@ class ClientSession(asyncio.Protocol):
                            message="dbguard refused the statement: it cannot read the catalog it needs to mask "
                                    "this identity's columns right now")
         if reason is None:
-            sync_no = self._syncs_sent + 1  # the round trip this statement is forwarded in
-            self._copy_plans.extend((plan, sync_no) for plan in copies)
+            if portal is not None:  # extended protocol: the portal's Execute produces the COPY
+                if copies:
+                    self._portal_copies[portal] = copies[0]
+                else:
+                    self._portal_copies.pop(portal, None)
+            else:  # simple protocol: the Query's COPY statements produce output in order
+                sync_no = self._syncs_sent + 1
+                self._copy_plans.extend((plan, sync_no) for plan in copies)
             return None
         return Refusal(sqlstate=SqlState.INSUFFICIENT_PRIVILEGE, rule="dbguard:mask-lineage",
                        message=f"dbguard refused the statement: {reason}",
@@ -903,7 +926,7 @@ class ClientSession(asyncio.Protocol):
         verdict = await self.guard.judge(statements, now)
         if verdict.refusal is None and self.mask_set is not None:
             text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
-            refusal = await self._mask_check(text)
+            refusal = await self._mask_check(text, portal=msg.portal)
             if refusal is not None:
                 self._discard_until_sync = True
                 self._portals.pop(msg.portal, None)
