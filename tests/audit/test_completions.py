@@ -93,3 +93,22 @@ def test_a_portal_fetched_in_pieces_records_each_piece(pg: Postgres, tmp_path, k
     assert decision["completion"]["status"] == "ok"
     assert len(pieces) == n_orders and all(p["status"] == "ok" for p in pieces)
     assert pieces[-1]["tags"] == ["SELECT 0"]
+
+
+def test_a_read_bound_but_never_executed_is_still_recorded(pg: Postgres, tmp_path, keys):
+    from dbguard.pgwire import messages as m
+    from tests.fix_proxy import TOKENS
+    from tests.session.test_wire import Raw, parse
+
+    priv, _ = keys
+    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    try:
+        raw = Raw(proxy.port)
+        raw.login("bob", TOKENS["bob"])
+        raw.send(parse("", "SELECT name FROM customers") + m.encode_bind(statement="") + m.encode_sync())
+        raw.until_ready()
+        raw.close()
+    finally:
+        proxy.stop()
+    (decision,) = [d for d in entries(db, "decision") if d["statement"] == "SELECT name FROM customers"]
+    assert decision["completion"]["status"] == "not-executed"

@@ -184,6 +184,7 @@ class ClientSession(asyncio.Protocol):
             self._finished = []
             if leftover:
                 self._record_completions(leftover)
+            self._drop_portals(list(self._portals))
             if self.principal is not None:
                 self.proxy.events.emit(EventKind.DISCONNECT, {"session": self.session_id, "user": self.principal.user})
             self.state = "gone"
@@ -435,7 +436,7 @@ class ClientSession(asyncio.Protocol):
             if self.guard is not None:
                 self.guard.update(in_transaction=status != "I")
             if status == "I":
-                self._portals.clear()  # portals do not outlive their transaction
+                self._drop_portals(list(self._portals))  # portals do not outlive their transaction
                 self._portal_plans.clear()
                 self._portal_copies.clear()
             while self._describes and self._describes[0][2] <= self._rfq_seen:
@@ -714,7 +715,10 @@ class ClientSession(asyncio.Protocol):
 
     def _on_close(self, msg: m.Close) -> None:
         self._in_batch = True
-        (self._statements if msg.kind == "S" else self._portals).pop(msg.name, None)
+        if msg.kind == "S":
+            self._statements.pop(msg.name, None)
+        else:
+            self._drop_portals([msg.name])
         self._out += msg.raw
 
     def _on_passthrough(self, msg: m.FrontendMessage) -> None:
@@ -863,6 +867,16 @@ class ClientSession(asyncio.Protocol):
         return self.proxy.events.emit_fragments(EventKind.DECISION, iso_time(now), self._event_prefix, members,
                                                 shape, flush=refusal is not None, durable=True)
 
+    def _drop_portals(self, names: list[str]) -> None:
+        """Forget portals; a read bound but never executed still gets its decision recorded."""
+        for name in names:
+            portal = self._portals.pop(name, None)
+            if portal is not None and portal[2] is not None:
+                iso, fragment = portal[2]
+                self.proxy.events.emit_fragments(
+                    EventKind.DECISION, iso, fragment,
+                    b'"completion":{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % portal[1], block=True)
+
     def _record_completions(self, finished: list[Pending]) -> None:
         now_iso = ""
         for p in finished:
@@ -962,6 +976,7 @@ class ClientSession(asyncio.Protocol):
         self._remember(verdict.statements)
         stmt, deferred = self._decided
         self._decided = (0, None)
+        self._drop_portals([msg.portal])  # a Bind replaces a portal of the same name
         self._portals[msg.portal] = (verdict.statements, stmt, deferred)
         self._out += msg.raw
         if self.mask_set is not None:  # learn the portal's columns and formats: DataRows are masked by them
