@@ -159,6 +159,7 @@ class LedgerWriter:
         self._items: collections.deque[tuple[bytes, Waiter | None, bool]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._stopping_attempts = 0  # commits retried at shutdown while the store fails
         self._retry: list[tuple[bytes, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
@@ -196,6 +197,10 @@ class LedgerWriter:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():  # still committing: closing the store under it would lose the batch
+            log.error("ledger %s: the writer did not finish within %.0f s; %d entries not yet committed",
+                      self.name, timeout, self.queued())
+            return
         self.store.close()
 
     # -- writer thread ----------------------------------------------------------------------------
@@ -214,6 +219,13 @@ class LedgerWriter:
                 if self.last_failed:
                     break  # retried at the next wake-up
             if stop and not items:
+                if self._retry:
+                    self._stopping_attempts += 1
+                    if self._stopping_attempts < 3:
+                        continue  # the store may be back in a moment: try again before giving up
+                    self.dropped += len(self._retry)
+                    log.error("ledger %s: shutting down with the store failing; %d non-durable entries "
+                              "were not recorded", self.name, len(self._retry))
                 break
             if time.monotonic() - idle_since >= 1.0:
                 self._sign_tail()  # idle: sign what the last burst left unsigned
