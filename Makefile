@@ -32,10 +32,10 @@ tools:
 	@bash scripts/build-test-tools.sh opa
 
 lint: venv
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff check operator tests bench scripts
 
 test: deps tools
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff check operator tests bench scripts
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 demo: deps
