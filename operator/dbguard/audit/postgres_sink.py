@@ -78,6 +78,29 @@ CREATE OR REPLACE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE OR TRU
 """
 
 
+_WRITE = f"""
+WITH e AS (
+    INSERT INTO {SCHEMA_NAME}.entries (chain, seq, prev, hash, time, kind, "user", session, stmt, outcome, rule,
+                                       fingerprint, data)
+    SELECT %s, u.* FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                               %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[])
+        AS u(seq, prev, hash, time, kind, "user", session, stmt, outcome, rule, fingerprint, data)
+    ORDER BY u.seq
+    RETURNING id, seq
+), t AS (
+    INSERT INTO {SCHEMA_NAME}.touches (entry_id, operation, schema, name, col)
+    SELECT e.id, u.operation, u.schema, u.name, u.col
+    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) AS u(seq, operation, schema, name, col)
+    JOIN e ON e.seq = u.seq
+), c AS (
+    INSERT INTO {SCHEMA_NAME}.checkpoints (chain, seq, hash, signature)
+    SELECT %s, u.* FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS u(seq, hash, signature)
+    ON CONFLICT (chain, seq) DO NOTHING
+)
+SELECT count(*) FROM e
+"""
+
+
 def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
@@ -109,28 +132,22 @@ class PostgresStore:
         return seq, prev, (signed[0] if signed else 0) or 0
 
     def write(self, chain: str, entries: list[Entry], checkpoints: list[tuple[int, str, bytes]]) -> None:
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            if entries:
-                # ids in one round trip, then COPY: per-row INSERTs cost a round trip each
-                cur.execute(f"SELECT nextval('{SCHEMA_NAME}.entries_id_seq') FROM generate_series(1, %s)",
-                            (len(entries),))
-                ids = sorted(row[0] for row in cur.fetchall())  # storage order is chain order
-                with cur.copy(f'COPY {SCHEMA_NAME}.entries (id, chain, seq, prev, hash, time, kind, "user",'
-                              " session, stmt, outcome, rule, fingerprint, data) FROM STDIN") as copy:
-                    for entry_id, e in zip(ids, entries, strict=True):
-                        copy.write_row((entry_id, chain, e.seq, e.prev, e.hash, *index_fields(e.event), e.data))
-                rows = [(entry_id, *t) for entry_id, e in zip(ids, entries, strict=True)
-                        for t in dict.fromkeys(touches(e.event))]
-                if rows:
-                    with cur.copy(f"COPY {SCHEMA_NAME}.touches (entry_id, operation, schema, name, col)"
-                                  " FROM STDIN") as copy:
-                        for row in rows:
-                            copy.write_row(row)
-            if checkpoints:
-                cur.executemany(f"INSERT INTO {SCHEMA_NAME}.checkpoints VALUES (%s,%s,%s,%s)"
-                                " ON CONFLICT (chain, seq) DO NOTHING",
-                                [(chain, seq, h, sig) for seq, h, sig in checkpoints])
+        """One statement, one round trip: entries, their touches and checkpoints from arrays.
+
+        A single statement is atomic in autocommit mode; the entries are inserted in chain order,
+        so their ids (storage order, what verify walks) follow the chain.
+        """
+        cols: list[list[Any]] = [[] for _ in range(12)]
+        touch_cols: list[list[Any]] = [[] for _ in range(5)]
+        for e in entries:
+            for column, value in zip(cols, (e.seq, e.prev, e.hash, *index_fields(e.event), e.data), strict=True):
+                column.append(value)
+            for t in dict.fromkeys(touches(e.event)):
+                for column, value in zip(touch_cols, (e.seq, *t), strict=True):
+                    column.append(value)
+        cp_cols: list[list[Any]] = [[seq for seq, _, _ in checkpoints], [h for _, h, _ in checkpoints],
+                                    [sig for _, _, sig in checkpoints]]
+        self._connection().execute(_WRITE, (chain, *cols, *touch_cols, chain, *cp_cols))
 
     def close(self) -> None:
         if self._conn is not None:
