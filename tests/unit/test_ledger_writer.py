@@ -10,7 +10,7 @@ from dbguard.audit import ledger, search, sqlite_sink
 from dbguard.audit.writer import LedgerWriter
 
 
-def _event(session: str, second: int, user: str = "bob", block: bool = False) -> bytes:
+def _event(session: str, second: int, user: str = "bob") -> bytes:
     event = {"time": f"2026-11-24T02:0{second // 60}:{second % 60:02d}.000000+00:00", "kind": "decision",
              "session": session, "identity": {"user": user}, "stmt": second, "outcome": "forwarded", "rule": "",
              "statements": [{"command": "SELECT", "fingerprint": "f",
