@@ -44,7 +44,7 @@ class EventSink:
 
     def __init__(self, stream: IO[bytes], ledger: Any = None) -> None:
         self._stream = stream
-        self.ledger = ledger  # an append-only ledger sink (audit.sqlite_sink.SqliteLedger) or None
+        self.ledger = ledger  # the audit ledger (audit.writer.LedgerWriter over SQLite or PostgreSQL) or None
         self._buf: list[bytes] = []
         self.emitted = 0
 

@@ -83,19 +83,19 @@ Waiter = concurrent.futures.Future | asyncio.Future
 def _resolve(futures: list[Waiter], result: int | None, error: BaseException | None) -> None:
     """Settle the waiters of a batch: concurrent futures here, asyncio futures on their loop, once per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    here: list[Waiter] = []
     for fut in futures:
         if isinstance(fut, asyncio.Future):
             by_loop.setdefault(fut.get_loop(), []).append(fut)
-        elif error is not None:
-            fut.set_exception(error)
         else:
-            fut.set_result(result)
+            here.append(fut)
+    _settle(here, result, error)
     for loop, waiting in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             loop.call_soon_threadsafe(_settle, waiting, result, error)
 
 
-def _settle(waiting: list[asyncio.Future], result: int | None, error: BaseException | None) -> None:
+def _settle(waiting: list[Waiter], result: int | None, error: BaseException | None) -> None:
     for fut in waiting:
         if not fut.done():
             if error is not None:
@@ -133,12 +133,11 @@ def _block(run: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, dict[str, An
     if len(run) == 1:
         return run[0]
     first = min(event.get("time", "") for _, event in run)
-    users = {(event.get("identity") or {}).get("user", "") for _, event in run}
-    sessions = {event.get("session", "") for _, event in run}
     data = (b'{"kind":"reads","time":"' + first.encode() + b'","count":%d,"entries":[' % len(run)
             + b",".join(d for d, _ in run) + b"]}")
-    index = {"kind": "reads", "time": first, "identity": {"user": users.pop() if len(users) == 1 else ""},
-             "session": sessions.pop() if len(sessions) == 1 else "", "outcome": "forwarded",
+    # Search matches a block on its time and touches only, then filters each read: no per-block
+    # user or session to index.
+    index = {"kind": "reads", "time": first, "outcome": "forwarded",
              "block_statements": [s for _, event in run for s in event.get("statements") or ()]}
     return data, index
 

@@ -69,7 +69,6 @@ class Snapshot:
     relations: dict[int, Relation]
     by_name: dict[str, list[Relation]]  # relname -> relations of that name in any schema
     attributes: dict[tuple[int, int], tuple[str, int]]  # (relation oid, attnum) -> (column, type oid)
-    columns_of: dict[int, dict[str, int]]  # relation oid -> {column: attnum}, candidate columns only
     view_deps: dict[int, set[tuple[int, int]]]  # view oid -> (relation oid, attnum) its rules read; 0 = whole row
     user_functions: frozenset[str]
     table_columns: dict[int, list[tuple[str, int]]]  # user relation oid -> [(column, attnum)] in order (COPY)
@@ -203,11 +202,8 @@ class Catalog:
         by_name: dict[str, list[Relation]] = {}
         for rel in rels.values():
             by_name.setdefault(rel.name, []).append(rel)
-        columns_of: dict[int, dict[str, int]] = {}
-        for (oid, num), (name, _) in attrs.items():
-            columns_of.setdefault(oid, {})[name] = num
         self._version += 1
-        return Snapshot(rels, by_name, attrs, columns_of, deps, funcs, table_columns, comments, self._version,
+        return Snapshot(rels, by_name, attrs, deps, funcs, table_columns, comments, self._version,
                         time.monotonic())
 
     async def current(self) -> Snapshot:

@@ -183,41 +183,35 @@ def _check_column_exists(names: list[str | None], masking: list[_Table]) -> None
 
 
 def _check_output_references(stmt: ast.Node, masking: list[_Table], tables: list[_Table]) -> None:
-    """ORDER BY 2, GROUP BY 1, DISTINCT ON (2) or an output alias over a masked column sorts or groups by it."""
+    """ORDER BY 2, GROUP BY 1, DISTINCT ON (2), an output alias, or plain DISTINCT over a masked
+    column sorts or groups by it. (Items naming a column directly are checked with every other use.)"""
     if isinstance(stmt, ast.DeclareCursorStmt | ast.PrepareStmt | ast.ExplainStmt):
         stmt = stmt.query
     if not isinstance(stmt, ast.SelectStmt):
         return
     targets = list(stmt.targetList or ())
     aliases = {t.name: t for t in targets if t.name}
+    has_star = any(isinstance(t.val, ast.ColumnRef) and _names(t.val.fields)[-1] is None for t in targets)
+    referenced: list[Any] = []  # output columns the ordering, grouping or DISTINCT uses
+    if stmt.distinctClause and any(d is None for d in stmt.distinctClause):
+        referenced += targets  # plain DISTINCT sorts (or hashes) by every output column
     items = [getattr(s, "node", s) for s in stmt.sortClause or ()] + list(_grouping(stmt.groupClause)) + [
         d for d in stmt.distinctClause or () if d is not None]
-    if stmt.distinctClause and any(d is None for d in stmt.distinctClause):
-        # plain DISTINCT sorts (or hashes) by every output column: a masked one orders the rows
-        items += [t.val for t in targets if isinstance(t.val, ast.ColumnRef)]
     for item in items:
-        target = None
         if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer):
-            index = item.val.ival - 1
-            if any(isinstance(t.val, ast.ColumnRef) and _names(t.val.fields)[-1] is None for t in targets):
-                target_is_star = True
-            else:
-                target_is_star = False
-                target = targets[index] if 0 <= index < len(targets) else None
-            if target_is_star:
+            if has_star:
                 raise Refused("ORDER BY, GROUP BY or DISTINCT ON by position over * may use a masked column")
+            index = item.val.ival - 1
+            if 0 <= index < len(targets):
+                referenced.append(targets[index])
         elif isinstance(item, ast.ColumnRef) and len(item.fields) == 1 and _names(item.fields)[0] in aliases:
-            target = aliases[_names(item.fields)[0]]
-        elif isinstance(item, ast.ColumnRef):  # a plain output column that DISTINCT orders by
-            try:
-                _check_ref(_names(item.fields), masking, tables)
-            except Refused as exc:
-                raise Refused(f"DISTINCT over a masked column orders and groups by it: {exc}") from None
-        if target is not None and isinstance(target.val, ast.ColumnRef):
+            referenced.append(aliases[_names(item.fields)[0]])
+    for target in referenced:
+        if isinstance(target.val, ast.ColumnRef):
             try:
                 _check_ref(_names(target.val.fields), masking, tables)
             except Refused as exc:
-                raise Refused(f"ordering or grouping by an output column that is masked: {exc}") from None
+                raise Refused(f"ordering, grouping or DISTINCT by an output column that is masked: {exc}") from None
 
 
 def _grouping(items: Any) -> Iterator[Any]:

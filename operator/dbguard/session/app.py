@@ -19,13 +19,13 @@ from dbguard.session.server import Proxy
 
 if TYPE_CHECKING:
     from dbguard.masking.guard import MaskGuard
+    from dbguard.policy.spec import Policy
 
 
-def build_decider(settings: ProxySettings):  # noqa: ANN201 - the policy package's Decider
+def build_decider(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN201 - the policy package's Decider
     from dbguard.policy import compile as policy_compile
-    from dbguard.policy import decider, spec
+    from dbguard.policy import decider
 
-    policies = spec.load_policies(list(settings.policy_files))
     bundle = policy_compile.compile_policies(policies)
     if settings.engine == "opa":
         from dbguard.policy import opa_server
@@ -63,14 +63,12 @@ def build_ledger(settings: ProxySettings) -> LedgerWriter | None:
         raise ConfigError(f"--ledger {settings.ledger.path}: {exc}") from exc
 
 
-def build_masking(settings: ProxySettings) -> MaskGuard | None:
+def build_masking(settings: ProxySettings, policies: list[Policy]) -> MaskGuard | None:
     """The masking rules of the policies, or None when no policy masks anything."""
     from dbguard.masking.catalog import Catalog
     from dbguard.masking.guard import MaskGuard
     from dbguard.masking.rules import MaskPolicy
-    from dbguard.policy import spec
 
-    policies = spec.load_policies(list(settings.policy_files))
     policy = MaskPolicy(policies)
     if not policy:
         return None
@@ -92,7 +90,10 @@ def build_masking(settings: ProxySettings) -> MaskGuard | None:
 
 def build_proxy(settings: ProxySettings) -> Proxy:
     tokens = StaticTokens.load(settings.identity.tokens_file) if settings.identity.mode == "token" else None
-    decider = build_decider(settings)
-    masking = build_masking(settings)
+    from dbguard.policy import spec
+
+    policies = spec.load_policies(list(settings.policy_files))
+    decider = build_decider(settings, policies)
+    masking = build_masking(settings, policies)
     events = EventSink.open(settings.events, ledger=build_ledger(settings))
     return Proxy(settings, decider=decider, events=events, tokens=tokens, masking=masking)

@@ -105,8 +105,8 @@ class ClientSession(asyncio.Protocol):
         self._portal_copies: dict[str, CopyPlan] = {}  # portal -> plan of the COPY TO STDOUT it runs
         self._copy_rows = 0
         self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
-        self._holding: bytearray | None = None
-        self._held_once = False  # the current RowDescription was already held for a catalog read  # server output held while the catalog is read again
+        self._holding: bytearray | None = None  # server output held while the catalog is read again
+        self._held_once = False  # the current RowDescription was already held for a catalog read
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -488,9 +488,12 @@ class ClientSession(asyncio.Protocol):
 
     def _on_row_description(self, type_code: int, payload: bytes) -> bytes | None:
         front = self._describes[0] if self._describes else None
+        plan: MaskPlan | None = None  # no masks resolved yet: rows under it close the session, never pass
         try:
-            plan = plan_for(parse_row_description(payload), self._masks) if (
-                type_code == 0x54 and self._masks is not None) else MaskPlan((), ())
+            if type_code == 0x6E:  # NoData: no rows to mask
+                plan = MaskPlan((), ())
+            elif self._masks is not None:
+                plan = plan_for(parse_row_description(payload), self._masks)
         except CatalogOutdated as exc:
             if self._held_once:
                 # Still unknown after a fresh read: created in this client's own open transaction,
@@ -575,9 +578,8 @@ class ClientSession(asyncio.Protocol):
         if plan and payload[:1] == b"\x01":  # binary overall format
             return self._fatal_in_stream("42501", "dbguard closed the session: binary COPY of masked columns")
         self._copy_active, self._copy_rows = plan, 0
-        cur = self.completions.current()
-        if plan and cur is not None:
-            cur.masked = tuple(dict.fromkeys(cur.masked + plan.columns))
+        if plan and current is not None:
+            current.masked = tuple(dict.fromkeys(current.masked + plan.columns))
         return None
 
     def _mask_copy_row(self, payload: bytes) -> bytes | None:
@@ -659,8 +661,12 @@ class ClientSession(asyncio.Protocol):
             return
         self._run_async(self._await_commit(future, then))
 
-    async def _await_commit(self, future: Waiter,
+    async def _await_commit(self, future: Waiter | None,
                             then: Callable[[Refusal | None], None]) -> None:
+        if future is None:
+            then(None)
+            self._flush()
+            return
         try:
             await asyncio.wrap_future(future)
         except LedgerUnavailable as exc:
@@ -781,11 +787,7 @@ class ClientSession(asyncio.Protocol):
                 self._flush()
                 return
         future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
-        if future is not None:
-            await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
-        else:
-            self._finish_query(msg, verdict, None)
-        self._flush()
+        await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
 
     def _apply_query(self, msg: m.Query, verdict: Verdict, normalized: str, now: datetime.datetime) -> None:
         future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
@@ -942,17 +944,12 @@ class ClientSession(asyncio.Protocol):
             text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
             refusal = await self._mask_check(text, portal=msg.portal)
             if refusal is not None:
-                self._discard_until_sync = True
                 self._portals.pop(msg.portal, None)
                 self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
                 self._flush()
                 return
-        future = self._emit_bind_decision(verdict, now)
-        if future is not None:
-            await self._await_commit(future, lambda failed: self._finish_bind(msg, verdict, failed))
-        else:
-            self._finish_bind(msg, verdict, None)
-        self._flush()
+        await self._await_commit(self._emit_bind_decision(verdict, now),
+                                 lambda failed: self._finish_bind(msg, verdict, failed))
 
     def _emit_bind_decision(self, verdict: Verdict, now: datetime.datetime) -> Waiter | None:
         texts = verdict.statements
