@@ -29,7 +29,7 @@ venv: $(STAMP)
 deps: system-deps venv
 
 tools:
-	@bash scripts/build-test-tools.sh opa
+	@bash scripts/build-test-tools.sh opa etcd k8s helm
 
 lint: venv
 	$(BIN)/ruff check operator tests bench scripts

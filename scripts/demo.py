@@ -2,7 +2,8 @@
 """`make demo`: a local PostgreSQL, dbguard in front of it with the example policy, real psql traffic.
 
 Shows an ordinary read and write allowed, destructive statements refused with the rule's name,
-an UPDATE of a customer balance answered with "approval required", and the audit ledger answering
+an UPDATE of a customer balance held for an approval (refused, approved with `dbguard approve`,
+run once), a schema change held until approved, and the audit ledger answering
 "who changed a customer balance?" with `dbguard audit search`, then proving itself with
 `dbguard audit verify`. Everything listens on loopback and is stopped at the end
 (pass --keep to leave it running and get the psql command line).
@@ -19,10 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dbguard.approvals.local import LocalStore  # noqa: E402
 from tests.fix_postgres import reset_schema, start_postgres, stop_postgres  # noqa: E402
 from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, start_proxy  # noqa: E402
 
@@ -50,6 +53,13 @@ def run_audit(args: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
+def run_dbguard(args: list[str], who: str = "") -> subprocess.CompletedProcess:
+    print(f"{DIM}{who}${RESET} dbguard {' '.join(json.dumps(a) if ' ' in a else a for a in args)}")
+    r = subprocess.run([sys.executable, "-m", "dbguard", *args], capture_output=True, text=True)
+    print("\n".join(f"  {line}" for line in (r.stdout + r.stderr).rstrip().splitlines()))
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="leave PostgreSQL and the proxy running")
@@ -64,11 +74,12 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "dbguard", "audit", "keygen", "--private-key", str(base / "ledger.key"),
                     "--public-key", str(base / "ledger.pub")], check=True, capture_output=True)
     since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    store = base / "approvals.db"
     proxy = start_proxy(pg, base, "--policy", str(EXAMPLE_MASKING), "--ledger", str(ledger),
-                        "--ledger-signing-key", str(base / "ledger.key"))
+                        "--ledger-signing-key", str(base / "ledger.key"), "--approvals", str(store))
     print(f"  dbguard proxy --listen 127.0.0.1:{proxy.port} --upstream postgresql://app@127.0.0.1:{pg.port}/app "
           f"--policy examples/policy.yaml --policy examples/masking.yaml --tokens examples/tokens.yaml --ledger {ledger} "
-          f"--ledger-signing-key {base / 'ledger.key'}")
+          f"--ledger-signing-key {base / 'ledger.key'} --approvals {store}")
     failures = []
     try:
         alice = proxy.dsn("alice")
@@ -99,9 +110,48 @@ def main() -> int:
                     "SELECT to_jsonb(c) FROM customers c"):
             if run_psql(alice, sql, "alice"):
                 failures.append(sql)
-        step("Changing a customer's balance needs an approval")
-        if run_psql(alice, "UPDATE customers SET balance = balance + 1000 WHERE id = 1", "alice"):
-            failures.append("balance update")
+        step("Changing a customer's balance needs an approval (reject-and-retry)")
+        update = "UPDATE customers SET balance = balance + 1000 WHERE id = 1"
+        if run_psql(alice, update, "alice"):
+            failures.append("balance update ran without approval")
+        pending = [r for r in LocalStore(store).list_sync() if r.phase() == "Pending"]
+        name = pending[0].name if pending else "?"
+        run_dbguard(["approvals", "--store", str(store)])
+        step("alice cannot approve her own request; bob (dba) can")
+        if run_dbguard(["approve", name, "--store", str(store), "--as", "alice", "--group", "developers"],
+                       who="alice").returncode == 0:
+            failures.append("self-approval")
+        if run_dbguard(["approve", name, "--store", str(store), "--as", "bob", "--group", "dba", "--reason", "CHG-42"],
+                       who="bob").returncode != 0:
+            failures.append("approval")
+        step("The identical statement now runs, once")
+        if not run_psql(alice, update, "alice"):
+            failures.append("approved update")
+        if run_psql(alice, update, "alice"):
+            failures.append("approval ran twice")
+        step("A schema change of orders is held until a DBA approves it (hold)")
+        alter = "ALTER TABLE orders ADD COLUMN note text"
+        print(f"{DIM}alice${RESET} psql -c {json.dumps(alter)}   {DIM}(waits; bob approves from another terminal){RESET}")
+        held = subprocess.Popen(["psql", "-X", "-v", "ON_ERROR_STOP=1", alice, "-c", alter], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        waiting: list = []
+        while not waiting and time.monotonic() < deadline:
+            time.sleep(0.3)
+            waiting = [r for r in LocalStore(store).list_sync()
+                       if r.phase() == "Pending" and r.spec["statement"] == alter]
+        time.sleep(1)
+        if waiting:
+            run_dbguard(["approve", waiting[0].name, "--store", str(store), "--as", "bob", "--group", "dba",
+                         "--reason", "CHG-43"], who="bob")
+        try:
+            out, _ = held.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            held.kill()
+            out, _ = held.communicate()
+        print("\n".join(f"  {GREEN if held.returncode == 0 else RED}{line}{RESET}" for line in out.rstrip().splitlines()))
+        if held.returncode != 0 or "ALTER TABLE" not in out:
+            failures.append("held statement")
         step("The connection survives a refusal: one psql session, the next statement works")
         script = "DROP TABLE orders;\nSELECT count(*) AS orders_still_there FROM orders;\n"
         print(f"{DIM}alice${RESET} psql <<'SQL'\n{script}SQL")

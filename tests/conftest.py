@@ -1,6 +1,6 @@
 import pytest
 
-pytest_plugins = ("tests.fix_postgres", "tests.fix_proxy", "tests.fix_opa")
+pytest_plugins = ("tests.fix_postgres", "tests.fix_proxy", "tests.fix_opa", "tests.fix_kube", "tests.fix_operator")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -73,7 +73,7 @@ def start_proxy(pg: Postgres, tmp: pathlib.Path, *extra: str, policy: pathlib.Pa
     args = [sys.executable, "-m", "dbguard", "proxy", "--listen", f"127.0.0.1:{port}",
             "--upstream", upstream or pg.app_url, "--policy", str(policy or EXAMPLE_POLICY),
             "--events", str(events), *extra]
-    if "--workload-identity" not in extra and "--tokens" not in extra:
+    if not {"--workload-identity", "--tokens", "--auth", "--workload-token-file"} & set(extra):
         args += ["--tokens", str(EXAMPLE_TOKENS)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)  # noqa: SIM115

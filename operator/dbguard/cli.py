@@ -45,6 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         proxy_cli.add_arguments(p_proxy)
         p_proxy.set_defaults(func=proxy_cli.run)
+    from dbguard.approvals import cli as approvals_cli
+
+    for command, decision, text in (("approve", "Approved", "approve a held statement"),
+                                    ("deny", "Denied", "deny a held statement"),
+                                    ("cancel", "Cancelled", "cancel your own approval request")):
+        p_decide = sub.add_parser(command, help=f"{text} (local approval store)",
+                                  description=f"{text[0].upper()}{text[1:]} in the local approval store (the proxy's "
+                                  "--approvals FILE), with the same rules as the operator's webhooks: no "
+                                  "self-approval, approver groups only, decisions are final, expired requests "
+                                  "cannot be decided. In Kubernetes, patch the ApprovalRequest instead.")
+        approvals_cli.add_decide_arguments(p_decide, decision=decision)
+    p_list = sub.add_parser("approvals", help="list approval requests in the local store",
+                            description="List the pending (or, with --all, every) approval request.")
+    approvals_cli.add_list_arguments(p_list)
+
+    from dbguard.controller import cli as operator_cli
+
+    p_operator = sub.add_parser("operator", help="run the Kubernetes operator and its admission webhooks",
+                                description=operator_cli.DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    operator_cli.add_arguments(p_operator)
+    p_operator.set_defaults(func=operator_cli.run)
     return parser
 
 

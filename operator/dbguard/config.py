@@ -51,6 +51,16 @@ class UpstreamSettings:
     def redacted_url(self) -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}?sslmode={self.sslmode}"
 
+    def conninfo(self, application_name: str) -> dict[str, object]:
+        """psycopg keyword arguments for the proxy's own side connections (catalog, estimates)."""
+        info: dict[str, object] = {"host": self.host, "port": self.port, "dbname": self.database, "user": self.user,
+                                   "password": self.password, "sslmode": self.sslmode,
+                                   "connect_timeout": max(1, int(self.connect_timeout)),
+                                   "application_name": application_name}
+        if self.sslrootcert:
+            info["sslrootcert"] = self.sslrootcert
+        return info
+
 
 @dataclasses.dataclass(slots=True, kw_only=True)
 class ListenSettings:
@@ -71,11 +81,37 @@ class LimitSettings:
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
+class OidcSettings:
+    """``--auth oidc``: ID tokens (JWT) checked against the issuer's JWKS (docs/identity.md)."""
+
+    issuer: str = ""  # must equal the tokens' iss; keys found via ISSUER/.well-known/openid-configuration
+    audience: str = ""  # must be in the tokens' aud (the client ID they were issued for)
+    jwks_url: str = ""  # skip discovery and fetch the keys from here
+    username_claim: str = "sub"  # claim naming the user (sub, email, preferred_username ...)
+    groups_claim: str = "groups"  # claim listing the groups (list of strings, or one string)
+    username_prefix: str = ""  # prepended to the user name, e.g. "oidc:" to keep namespaces apart
+    leeway: float = 30.0  # seconds of clock skew allowed on exp / nbf / iat
+    fetch_timeout: float = 5.0  # seconds for one discovery or JWKS request
+    jwks_min_refresh: float = 10.0  # seconds between key fetches triggered by an unknown kid (rate limit)
+    jwks_max_age: float = 3600.0  # seconds before keys are fetched again anyway
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
 class IdentitySettings:
-    mode: str = "token"  # token: static token file, password = token | workload: one fixed identity
+    # token: static token file, password = token | workload: one fixed identity (sidecar, on trust) |
+    # tokenreview: password = Kubernetes token, verified by TokenReview | oidc: password = OIDC ID token |
+    # workload-token: sidecar identity proven by the pod's projected ServiceAccount token (TokenReview)
+    mode: str = "token"
     tokens_file: str = ""
     workload_user: str = ""  # e.g. system:serviceaccount:shop:api
     workload_groups: tuple[str, ...] = ()
+    workload_token_file: str = ""  # projected ServiceAccount token, e.g. /var/run/secrets/dbguard/token
+    token_audience: str = "dbguard"  # audience Kubernetes tokens must be issued for (TokenReview spec.audiences)
+    kubeconfig: str = ""  # "" = $KUBECONFIG, else in-cluster config, else ~/.kube/config
+    review_timeout: float = 5.0  # seconds for one TokenReview; past it the login is refused (57P03)
+    review_cache_ttl: float = 60.0  # seconds a successful TokenReview is reused (never past the token's exp)
+    review_cache_size: int = 10_000  # tokens remembered (by SHA-256), least recently used dropped first
+    oidc: OidcSettings = dataclasses.field(default_factory=OidcSettings)
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -93,6 +129,10 @@ class ProxySettings:
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     identity: IdentitySettings = dataclasses.field(default_factory=IdentitySettings)
     policy_files: tuple[str, ...] = ()
+    policy_reload_interval: float = 2.0  # seconds between checks of the policy files (0: never reload)
+    approvals: str = ""  # approval store: "kubernetes[:NAMESPACE]" or a SQLite file ("" = none: refuse)
+    approval_notify_url: str = ""  # Slack-compatible webhook called when a request is created
+    access: str = ""  # the DatabaseAccess this proxy serves (names approval requests)
     engine: str = "embedded"  # embedded | opa
     opa_url: str = ""
     events: str = "-"  # JSON-lines decision events: "-" for stdout or a file path

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 
@@ -64,8 +67,33 @@ class ProxyCollector(Collector):
                                     value=0 if ledger.last_failed else 1)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # probes every few seconds would flood the log
+
+
+def ready(proxy: Any) -> bool:
+    """Accepting clients and not draining: what a readiness probe should see."""
+    server = proxy.server
+    return server is not None and server.is_serving()
+
+
 def serve(proxy: Any, host: str, port: int) -> None:
-    """Expose /metrics on HOST:PORT from a background thread."""
+    """Serve /metrics, /healthz (the process answers) and /readyz (accepting clients) from a thread."""
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
-    start_http_server(port, addr=host, registry=registry)
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            ok = ready(proxy)
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if ok else b"not ready\n"]
+        return metrics_app(environ, start_response)
+
+    httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="dbguard-metrics", daemon=True).start()

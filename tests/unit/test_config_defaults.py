@@ -36,3 +36,12 @@ def test_upstream_url_parsing_keeps_the_password_out_of_repr_and_redacted_url():
 def test_bad_upstream_urls_are_config_errors(url, error):
     with pytest.raises(ConfigError, match=error):
         UpstreamSettings.from_url(url)
+
+
+def test_identity_defaults_are_pinned():
+    i = ProxySettings().identity
+    assert (i.token_audience, i.kubeconfig, i.workload_token_file) == ("dbguard", "", "")
+    assert (i.review_timeout, i.review_cache_ttl, i.review_cache_size) == (5.0, 60.0, 10_000)
+    o = i.oidc
+    assert (o.username_claim, o.groups_claim, o.username_prefix) == ("sub", "groups", "")
+    assert (o.leeway, o.fetch_timeout, o.jwks_min_refresh, o.jwks_max_age) == (30.0, 5.0, 10.0, 3600.0)

@@ -13,10 +13,10 @@ def test_clear_and_hashed_tokens_authenticate(tmp_path):
     f.write_text("tokens:\n- {user: alice, groups: [dev], token: alice-token-1}\n"
                  f"- {{user: bob, sha256: {hashlib.sha256(b'bob-token-22').hexdigest()}}}\n")
     tokens = StaticTokens.load(f)
-    assert tokens.authenticate("alice-token-1").user == "alice"
-    assert tokens.authenticate("alice-token-1").groups == ("dev",)
-    assert tokens.authenticate("bob-token-22").user == "bob"
-    assert tokens.authenticate("nope-nope-nope") is None
+    assert tokens.lookup("alice-token-1").user == "alice"
+    assert tokens.lookup("alice-token-1").groups == ("dev",)
+    assert tokens.lookup("bob-token-22").user == "bob"
+    assert tokens.lookup("nope-nope-nope") is None
 
 
 @pytest.mark.parametrize("text, error", [

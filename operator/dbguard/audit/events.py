@@ -22,6 +22,8 @@ class EventKind(str, enum.Enum):
     REFUSAL = "refusal"  # dbguard refused something before any policy (parse error, protocol, unsafe setting)
     DISCONNECT = "disconnect"
     COMPLETION = "completion"  # what became of a forwarded write: rows affected, duration, error
+    POLICY = "policy"  # a policy revision came into force, or a changed policy failed to load
+    APPROVAL = "approval"  # an approval request was created, or an approved statement is about to run
 
     def __str__(self) -> str:
         return self.value

@@ -186,7 +186,10 @@ def _decision(e: dict[str, Any]) -> tuple[str, str, str]:
         return "allow", "-", ""
     rule = f"{strongest.get('policy')}/{strongest.get('rule')}" if strongest.get("policy") else strongest.get("rule", "")
     approval = strongest.get("approval")
-    if isinstance(approval, dict):  # the requirement; names the ApprovalRequest once one is created
+    note = e.get("approval_request")
+    if isinstance(note, dict):  # the ApprovalRequest the statement ran under or waits for, and how it went
+        approval = f"{note.get('outcome', '')} {note.get('request', '')}".strip()
+    elif isinstance(approval, dict):  # the requirement, with no approval store to ask
         approval = approval.get("request") or "needed"
     return strongest.get("enforced") or strongest.get("action", ""), rule, str(approval or "")
 

@@ -22,6 +22,7 @@ import pathlib
 import yaml
 
 from dbguard.errors import ConfigError
+from dbguard.identity import authenticator
 from dbguard.identity.principal import Principal
 
 
@@ -73,7 +74,9 @@ class StaticTokens:
             entries.append((digest, Principal(user=user, groups=tuple(groups), source="static")))
         return cls(entries)
 
-    def authenticate(self, token: str) -> Principal | None:
+    source = "static"
+
+    def lookup(self, token: str) -> Principal | None:
         """The principal the token belongs to, or None."""
         digest = hashlib.sha256(token.encode()).digest()
         found = None
@@ -81,3 +84,10 @@ class StaticTokens:
             if hmac.compare_digest(known, digest):
                 found = principal
         return found
+
+    async def authenticate(self, token: str) -> Principal:
+        """The Authenticator face (dbguard.identity.authenticator): Rejected when the token is unknown."""
+        principal = self.lookup(token)
+        if principal is None:
+            raise authenticator.Rejected("the token is not in the token file")
+        return principal

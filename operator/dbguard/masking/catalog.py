@@ -166,14 +166,7 @@ class Catalog:
         self.stale = True
 
     def _conninfo(self) -> dict[str, object]:
-        u = self._upstream
-        info: dict[str, object] = {"host": u.host, "port": u.port, "dbname": u.database, "user": u.user,
-                                   "password": u.password, "sslmode": u.sslmode,
-                                   "connect_timeout": max(1, int(u.connect_timeout)),
-                                   "application_name": "dbguard-catalog"}
-        if u.sslrootcert:
-            info["sslrootcert"] = u.sslrootcert
-        return info
+        return self._upstream.conninfo("dbguard-catalog")
 
     async def _load(self) -> Snapshot:
         async with await psycopg.AsyncConnection.connect(**self._conninfo(), autocommit=True) as conn:

@@ -95,7 +95,10 @@ def compile_policies(policies: list[Policy], *, check: bool = True) -> CompiledB
             modules[f"custom/{p.name}.rego"] = _PACKAGE_LINE.sub(f"package dbguard_custom.{_key(p.name)}", p.rego,
                                                                  count=1)
     data = {"dbguard": {"policies": data_policies}}
-    digest = hashlib.sha256(orjson.dumps({"m": modules, "d": data}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    # The revision covers everything a policy decides, masking included: a masking change is a new revision.
+    masking = {p.name: [dataclasses.asdict(r) for r in p.masking] for p in policies}
+    digest = hashlib.sha256(orjson.dumps({"m": modules, "d": data, "k": masking},
+                                         option=orjson.OPT_SORT_KEYS)).hexdigest()
     bundle = CompiledBundle(modules=modules, data=data, revision=digest[:12], uses_time=bool(timezones),
                             timezones=tuple(sorted(timezones)), policies=tuple(policies))
     if check:

@@ -47,6 +47,15 @@ class Decider:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbguard-policy")
         self.hits = 0
         self.misses = 0
+        self.generation = 0  # bumped by replace(): an evaluation started before a reload is not cached
+
+    def replace(self, bundle: CompiledBundle, engine: PolicyEngine) -> None:
+        """Hot reload: every session shares this decider, so the next statement of each uses the new bundle."""
+        self.bundle = bundle
+        self.engine = engine
+        self.generation += 1
+        self._cache.clear()
+        self._inflight.clear()
 
     @property
     def revision(self) -> str:
@@ -112,7 +121,8 @@ class Decider:
             future.set_result(decision)
             return decision
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:  # a reload may have replaced it
+                del self._inflight[key]
             if not future.done():
                 future.cancel()
 
@@ -120,6 +130,7 @@ class Decider:
                         now: datetime.datetime, key: tuple) -> Decision:
         doc = build_input(principal, session, facts, now, self.bundle.timezones)
         loop = asyncio.get_running_loop()
+        generation = self.generation
         try:
             decision = await asyncio.wait_for(loop.run_in_executor(self._pool, self.engine.evaluate, doc),
                                               self.timeout_s)
@@ -130,6 +141,8 @@ class Decider:
         except PolicyEvaluationError as exc:
             return refusal_decision("dbguard:policy-error", f"the policy could not be evaluated: {exc}",
                                     self.revision)
+        if generation != self.generation:  # the policy was reloaded meanwhile: decide again under the new one
+            return await self._evaluate(principal, session, facts, now, key)
         self._cache[key] = decision
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -23,8 +23,8 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"]+")'
 _TABLE = re.compile(rf"^(?:\*|{_IDENT})(?:\.(?:\*|{_IDENT}))?$")
 _COLUMN = re.compile(rf"^(?:(?:\*|{_IDENT})\.){{0,2}}{_IDENT}$")
-_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])|24:00")  # fullmatch: ASCII digits only
+_DURATION = re.compile(r"([0-9]+)(s|m|h|d)")
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 OPERATIONS = frozenset({
     "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "COPY", "CREATE", "ALTER", "DROP", "GRANT",
@@ -187,21 +187,21 @@ def _str_list(ctx: _Ctx, value: Any, where: str, line: int, *, allowed: frozense
         v = item.upper() if upper else item
         if allowed is not None and v not in allowed:
             raise ctx.fail(_line(value, line), where, f"unknown value {item!r}; allowed: {sorted(allowed)}")
-        if pattern is not None and not pattern.match(item):
+        if pattern is not None and not pattern.fullmatch(item):
             raise ctx.fail(_line(value, line), where, f"malformed reference {item!r}")
         out.append(v)
     return tuple(out)
 
 
 def _minutes(ctx: _Ctx, value: Any, where: str, line: int) -> int:
-    if not isinstance(value, str) or not _HHMM.match(value):
+    if not isinstance(value, str) or not _HHMM.fullmatch(value):
         raise ctx.fail(line, where, f"expected HH:MM, got {value!r}")
     h, m = value.split(":")
     return int(h) * 60 + int(m)
 
 
 def _duration(ctx: _Ctx, value: Any, where: str, line: int) -> int:
-    match = _DURATION.match(str(value))
+    match = _DURATION.fullmatch(str(value))
     if not match:
         raise ctx.fail(line, where, f"expected a duration like 30s, 15m, 1h, 2d; got {value!r}")
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -299,7 +299,7 @@ def _rule(ctx: _Ctx, r: Any, i: int, line: int) -> Rule:
                 required=("name", "action"))
     line = _line(r, line)
     name = r["name"]
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ctx.fail(line, f"{where}.name", f"{name!r} must be a lower-case DNS label (a-z, 0-9, -)")
     where = f"rule {name!r}"
     action = _enum(ctx, PolicyAction, r["action"], f"{where}: action", line)
@@ -358,7 +358,7 @@ def parse_policy(doc: Any, source: str) -> Policy:
     if doc["apiVersion"] != API_VERSION or doc["kind"] != KIND:
         raise ctx.fail(line, "document", f"expected apiVersion {API_VERSION} and kind {KIND}")
     meta = doc["metadata"]
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not _NAME.match(meta["name"]):
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not _NAME.fullmatch(meta["name"]):
         raise ctx.fail(_line(meta, line), "metadata.name", "required, a lower-case DNS label")
     spec = doc["spec"]
     _check_keys(ctx, spec, {"enforcementAction", "defaultAction", "rules", "masking", "rego"}, "spec", line)

@@ -14,7 +14,7 @@ from dbguard.audit.events import EventSink
 from dbguard.audit.writer import LedgerWriter
 from dbguard.config import ProxySettings
 from dbguard.errors import ConfigError
-from dbguard.identity.static import StaticTokens
+from dbguard.identity import configure as identity_configure
 from dbguard.session.server import Proxy
 
 if TYPE_CHECKING:
@@ -22,19 +22,24 @@ if TYPE_CHECKING:
     from dbguard.policy.spec import Policy
 
 
-def build_decider(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN201 - the policy package's Decider
+def build_engine(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN201 - (bundle, engine)
+    """Compile the policies and load them into the configured engine (raises ConfigError)."""
     from dbguard.policy import compile as policy_compile
-    from dbguard.policy import decider
 
     bundle = policy_compile.compile_policies(policies)
     if settings.engine == "opa":
         from dbguard.policy import opa_server
 
-        engine = opa_server.OpaServerEngine(bundle, settings.opa_url)
-    else:
-        from dbguard.policy import embedded
+        return bundle, opa_server.OpaServerEngine(bundle, settings.opa_url)
+    from dbguard.policy import embedded
 
-        engine = embedded.EmbeddedEngine(bundle)
+    return bundle, embedded.EmbeddedEngine(bundle)
+
+
+def build_decider(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN201 - the policy package's Decider
+    from dbguard.policy import decider
+
+    bundle, engine = build_engine(settings, policies)
     return decider.Decider(bundle, engine, timeout_s=settings.limits.policy_timeout)
 
 
@@ -88,12 +93,42 @@ def build_masking(settings: ProxySettings, policies: list[Policy]) -> MaskGuard 
     return MaskGuard(policy, Catalog(settings.upstream, policy.column_names, read_comments=policy.uses_comments), key)
 
 
+def build_approvals(settings: ProxySettings, events: EventSink):  # noqa: ANN201 - approvals.flow.Approvals | None
+    """The approval store and flow, or None (require-approval statements are then refused)."""
+    if not settings.approvals:
+        return None
+    from dbguard.approvals import flow, notify
+
+    if settings.approvals == "kubernetes" or settings.approvals.startswith("kubernetes:"):
+        from dbguard.approvals.kube import KubeStore
+
+        try:
+            store = KubeStore(settings.approvals.partition(":")[2], kubeconfig=settings.identity.kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - the client raises several kinds for a missing configuration
+            raise ConfigError(f"--approvals kubernetes: no Kubernetes API configuration: {exc}") from exc
+    else:
+        from dbguard.approvals.local import LocalStore
+
+        try:
+            store = LocalStore(settings.approvals)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"--approvals {settings.approvals}: {exc}") from exc
+    notifier = notify.Notifier(settings.approval_notify_url) if settings.approval_notify_url else None
+    proxy_id = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
+    return flow.Approvals(store, proxy_id=proxy_id, access=settings.access, events=events,
+                          upstream=settings.upstream, notifier=notifier)
+
+
 def build_proxy(settings: ProxySettings) -> Proxy:
-    tokens = StaticTokens.load(settings.identity.tokens_file) if settings.identity.mode == "token" else None
+    identity = identity_configure.from_settings(settings.identity)  # a workload token is verified here
     from dbguard.policy import spec
 
     policies = spec.load_policies(list(settings.policy_files))
     decider = build_decider(settings, policies)
     masking = build_masking(settings, policies)
     events = EventSink.open(settings.events, ledger=build_ledger(settings))
-    return Proxy(settings, decider=decider, events=events, tokens=tokens, masking=masking)
+    approvals = build_approvals(settings, events)
+    proxy = Proxy(settings, decider=decider, events=events, tokens=identity.authenticator, masking=masking,
+                  workload=identity.workload)
+    proxy.approvals = approvals
+    return proxy

@@ -13,6 +13,7 @@ from dbguard.config import (
     LedgerSettings,
     LimitSettings,
     ListenSettings,
+    OidcSettings,
     ProxySettings,
     UpstreamSettings,
 )
@@ -23,9 +24,26 @@ Serve PostgreSQL clients (psql, psycopg, asyncpg, JDBC, pgbench ...) and decide 
 with the GuardrailPolicy files given: allowed statements go to the upstream server, refused ones
 get an ERROR naming the rule (SQLSTATE 42501) and the connection stays usable.
 
-Identity: with --tokens, clients log in with any user name listed in the token file and send
-their token as the password; with --workload-identity (sidecar mode) every local client is that
-identity. The upstream credentials stay in the proxy: put the password in the URL, in
+Identity (exactly one; docs/identity.md). Gateway mode - the client sends a bearer token as its
+password (use TLS) and logs in with the user name the token belongs to:
+  --tokens FILE            a static token file (local use, demos, CI)
+  --auth tokenreview       a Kubernetes token (e.g. `kubectl create token SA --audience dbguard`),
+                           verified by the API server's TokenReview for --token-audience; the proxy's
+                           credentials (--kubeconfig, $KUBECONFIG or in-cluster) need `create` on
+                           tokenreviews (ClusterRole system:auth-delegator). Successful reviews are
+                           reused for 60 s. A ServiceAccount may log in as NS:SA.
+  --auth oidc              an OIDC ID token (RS256/ES256) from --oidc-issuer for --oidc-audience,
+                           checked against the issuer's JWKS; the user is --oidc-username-claim (sub),
+                           the groups --oidc-groups-claim (groups)
+Sidecar mode - every local client is the pod's identity, no password asked:
+  --workload-token-file F  the pod's projected ServiceAccount token (audience --token-audience),
+                           verified by TokenReview at start (or the proxy exits) and whenever it
+                           changes; if a new token cannot be verified the last identity holds until
+                           its expiry, then new connections are refused
+  --workload-identity USER a fixed identity taken on trust (local runs, tests)
+A token that is not valid gets FATAL 28P01; when it cannot be verified now (API server or issuer
+unreachable, 5 s timeout, RBAC missing) the login fails closed with FATAL 57P03 (try again later).
+The upstream credentials stay in the proxy: put the password in the URL, in
 --upstream-password-file, or in $DBGUARD_UPSTREAM_PASSWORD.
 
 Masking: the policies' masking rules mask result columns per identity (docs/masking.md); SQL that
@@ -40,6 +58,11 @@ examples:
   dbguard proxy ... --policy examples/policy.yaml --policy examples/masking.yaml \\
       --ledger /var/lib/dbguard/ledger.db --ledger-signing-key /run/secrets/ledger.key
   psql "host=127.0.0.1 port=6432 dbname=shop user=alice password=alice-dev-token"
+  dbguard proxy ... --auth tokenreview --tls-cert tls.crt --tls-key tls.key
+  PGPASSWORD=$(kubectl create token reports --audience dbguard) \\
+      psql "host=dbguard.shop port=6432 dbname=shop user=shop:reports sslmode=verify-full"
+  dbguard proxy ... --auth oidc --oidc-issuer https://idp.example.com --oidc-audience dbguard \\
+      --oidc-username-claim email --oidc-username-prefix oidc:
 """
 
 
@@ -60,16 +83,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GuardrailPolicy YAML file (repeatable)")
     ident = p.add_mutually_exclusive_group(required=True)
     ident.add_argument("--tokens", metavar="FILE", help="static token file: the client's password is its token")
+    ident.add_argument("--auth", choices=("tokenreview", "oidc"),
+                       help="gateway mode: the password is a Kubernetes token (TokenReview) or an OIDC ID token")
+    ident.add_argument("--workload-token-file", metavar="FILE",
+                       help="sidecar mode: every client is the ServiceAccount of this projected token "
+                            "(verified by TokenReview, re-read when it changes)")
     ident.add_argument("--workload-identity", metavar="USER",
-                       help="sidecar mode: every client is this identity (e.g. system:serviceaccount:ns:sa)")
+                       help="sidecar mode: every client is this identity, on trust (e.g. system:serviceaccount:ns:sa)")
     p.add_argument("--workload-group", action="append", default=[], metavar="GROUP",
-                   help="group of the workload identity (repeatable)")
+                   help="group of the --workload-identity (repeatable)")
+    p.add_argument("--token-audience", default=None, metavar="AUD",
+                   help="audience Kubernetes tokens must be issued for (--auth tokenreview, --workload-token-file; "
+                        "default dbguard)")
+    p.add_argument("--kubeconfig", default=None, metavar="FILE",
+                   help="credentials for TokenReview (default $KUBECONFIG, else in-cluster, else ~/.kube/config)")
+    p.add_argument("--oidc-issuer", default=None, metavar="URL", help="--auth oidc: the issuer (the tokens' iss)")
+    p.add_argument("--oidc-audience", default=None, metavar="AUD", help="--auth oidc: required in the tokens' aud")
+    p.add_argument("--oidc-jwks-url", default=None, metavar="URL",
+                   help="--auth oidc: fetch keys here instead of via ISSUER/.well-known/openid-configuration")
+    p.add_argument("--oidc-username-claim", default=None, metavar="CLAIM", help="--auth oidc: user name claim (sub)")
+    p.add_argument("--oidc-groups-claim", default=None, metavar="CLAIM", help="--auth oidc: groups claim (groups)")
+    p.add_argument("--oidc-username-prefix", default=None, metavar="PREFIX",
+                   help="--auth oidc: prepended to user names, e.g. oidc: (default none)")
     p.add_argument("--tls-cert", metavar="PEM", help="certificate for TLS toward clients")
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     p.add_argument("--require-tls", action="store_true", help="refuse clients that do not use TLS")
     p.add_argument("--engine", choices=("embedded", "opa"), default="embedded",
                    help="policy engine: embedded Rego (default) or an OPA server (--opa-url)")
     p.add_argument("--opa-url", default="", metavar="URL", help="OPA server, e.g. http://127.0.0.1:8181")
+    p.add_argument("--approvals", default="", metavar="STORE",
+                   help="where require-approval rules put their requests: 'kubernetes[:NAMESPACE]' "
+                        "(ApprovalRequest resources, approved with kubectl patch) or a SQLite FILE (approved with "
+                        "`dbguard approve`); without it such statements are refused")
+    p.add_argument("--approval-notify-url", default="", metavar="URL",
+                   help="Slack-compatible webhook called when an approval request is created (default: off)")
+    p.add_argument("--access", default="", metavar="NAME",
+                   help="the DatabaseAccess this proxy serves (set by the sidecar injector; names requests)")
+    p.add_argument("--policy-reload-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="re-read the policy files this often and switch to a changed revision without dropping "
+                        "connections (a mounted ConfigMap); 0 turns it off (default 2)")
     p.add_argument("--policy-timeout", type=float, default=0.2, metavar="SECONDS",
                    help="deadline for one policy evaluation; past it the statement is refused (default 0.2)")
     p.add_argument("--events", default="-", metavar="FILE",
@@ -96,6 +148,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+_OIDC_FLAGS = ("oidc_issuer", "oidc_audience", "oidc_jwks_url", "oidc_username_claim", "oidc_groups_claim",
+               "oidc_username_prefix")
+
+
+def identity_settings(args: argparse.Namespace) -> IdentitySettings:
+    """The identity flags, checked: exactly one mode, and only the options that mode reads."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if args.tokens:
+        mode = "token"
+    elif args.auth:
+        mode = args.auth
+    elif args.workload_token_file:
+        mode = "workload-token"
+    else:
+        mode = "workload"
+    if mode != "oidc":
+        for name in _OIDC_FLAGS:
+            if getattr(args, name) is not None:
+                raise ConfigError(f"{flag(name)} needs --auth oidc")
+    elif not args.oidc_issuer or not args.oidc_audience:
+        raise ConfigError("--auth oidc needs --oidc-issuer URL and --oidc-audience AUD")
+    if mode not in ("tokenreview", "workload-token"):
+        for name in ("token_audience", "kubeconfig"):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"{flag(name)} needs --auth tokenreview or --workload-token-file")
+    if args.workload_group and mode != "workload":
+        raise ConfigError("--workload-group goes with --workload-identity (other modes take groups from the token)")
+    if mode in ("tokenreview", "oidc") and not args.tls_cert and args.listen[0] not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("dbguard.proxy").warning(
+            "--auth %s without --tls-cert: clients send their bearer tokens in clear text", mode)
+    oidc = OidcSettings()
+    for name in _OIDC_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(oidc, name.removeprefix("oidc_"), getattr(args, name))
+    return IdentitySettings(mode=mode, tokens_file=args.tokens or "", workload_user=args.workload_identity or "",
+                            workload_groups=tuple(args.workload_group),
+                            workload_token_file=args.workload_token_file or "",
+                            token_audience=args.token_audience if args.token_audience is not None else "dbguard",
+                            kubeconfig=args.kubeconfig or "", oidc=oidc)
+
+
 def settings_from_args(args: argparse.Namespace) -> ProxySettings:
     password = None
     if args.upstream_password_file:
@@ -118,10 +213,12 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         upstream=UpstreamSettings.from_url(args.upstream, password=password),
         limits=LimitSettings(max_message_size=args.max_message_size, login_timeout=args.login_timeout,
                              policy_timeout=args.policy_timeout),
-        identity=IdentitySettings(mode="token" if args.tokens else "workload", tokens_file=args.tokens or "",
-                                  workload_user=args.workload_identity or "",
-                                  workload_groups=tuple(args.workload_group)),
+        identity=identity_settings(args),
         policy_files=tuple(args.policy),
+        policy_reload_interval=args.policy_reload_interval,
+        approvals=args.approvals,
+        approval_notify_url=args.approval_notify_url,
+        access=args.access,
         engine=args.engine,
         opa_url=args.opa_url,
         events=args.events,

@@ -9,11 +9,12 @@ import signal
 import ssl
 from typing import Any
 
-from dbguard.audit.events import EventSink
+from dbguard.audit.events import EventKind, EventSink
 from dbguard.config import ProxySettings
-from dbguard.identity.static import StaticTokens
+from dbguard.identity.authenticator import Authenticator
 from dbguard.masking.guard import MaskGuard
 from dbguard.metrics import ProxyStats
+from dbguard.policy.reload import PolicyReloader
 from dbguard.session import upstream
 from dbguard.session.guard import FactsCache
 from dbguard.session.session import ClientSession
@@ -33,11 +34,12 @@ class Proxy:
     """Shared state of one proxy process."""
 
     def __init__(self, settings: ProxySettings, *, decider: Any, events: EventSink,
-                 tokens: StaticTokens | None, masking: MaskGuard | None = None) -> None:
+                 tokens: Authenticator | None, masking: MaskGuard | None = None, workload: Any = None) -> None:
         self.settings = settings
         self.decider = decider
         self.events = events
-        self.tokens = tokens
+        self.tokens = tokens  # gateway mode: the client's password is a token this verifies
+        self.workload = workload  # sidecar mode (dbguard.identity.workload): every client is this identity
         self.facts_cache = FactsCache()
         self.stats = ProxyStats()
         self.masking: MaskGuard | None = masking
@@ -48,6 +50,9 @@ class Proxy:
         self.server: asyncio.AbstractServer | None = None
         self._flusher: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
+        self.reloader: Any = None
+        self.approvals: Any = None  # dbguard.approvals.flow.Approvals when an approval store is configured
+        self._reload_task: asyncio.Task | None = None
 
     def register_cancel(self, session: ClientSession, server_pid: int, server_key: int) -> tuple[int, int]:
         """Hand the client a key of our own: it never learns the server's, and cannot cancel other clients."""
@@ -62,7 +67,9 @@ class Proxy:
         if entry is None:
             log.info("cancel request with an unknown key ignored")
             return
-        _, server_pid, server_key = entry
+        session, server_pid, server_key = entry
+        if session.cancel_hold():  # waiting for an approval: nothing runs on the server yet
+            return
         task = asyncio.get_running_loop().create_task(
             upstream.send_cancel(self.settings.upstream, server_pid, server_key))
         task.add_done_callback(lambda t: t.exception() and log.warning("cancel forwarding failed: %s", t.exception()))
@@ -79,6 +86,11 @@ class Proxy:
         listen = self.settings.listen
         self.server = await loop.create_server(self._new_session, listen.host, listen.port, reuse_address=True)
         self._flusher = loop.call_later(0.1, self._flush_events)
+        self.events.emit(EventKind.POLICY, {"event": "loaded", "revision": self.decider.revision,
+                                            "policies": [p.name for p in self.decider.bundle.policies]}, flush=True)
+        if self.settings.policy_reload_interval > 0 and self.settings.policy_files:
+            self.reloader = PolicyReloader(self, interval_s=self.settings.policy_reload_interval)
+            self._reload_task = loop.create_task(self.reloader.run())
         addrs = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.server.sockets)
         log.info("dbguard proxy listening on %s, upstream %s", addrs, self.settings.upstream.redacted_url())
 
@@ -98,6 +110,8 @@ class Proxy:
             s._fatal("57P01", "dbguard is shutting down")  # noqa: SLF001
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.events.close)  # commits what is queued
         self._stopped.set()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import logging
 import secrets
@@ -23,9 +24,12 @@ import orjson
 import psycopg
 
 from dbguard.analyze import facts as F
+from dbguard.approvals.flow import approval_decision, rows_from_tags
+from dbguard.approvals.store import params_as_text
 from dbguard.audit.events import EventKind, iso_time
 from dbguard.audit.writer import LedgerUnavailable, Waiter
 from dbguard.errors import Refusal
+from dbguard.identity import authenticator
 from dbguard.identity.principal import Principal
 from dbguard.masking.catalog import IdentityMasks
 from dbguard.masking.copy import CopyPlan, mask_copy_row
@@ -35,6 +39,7 @@ from dbguard.masking.strategies import redact_detail
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
 from dbguard.pgwire.backend import HOLD
+from dbguard.policy.decision import Decision
 from dbguard.session import upstream
 from dbguard.session.completions import CompletionTracker, Pending, redact_message
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
@@ -107,6 +112,12 @@ class ClientSession(asyncio.Protocol):
         self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
         self._holding: bytearray | None = None  # server output held while the catalog is read again
         self._held_once = False  # the current RowDescription was already held for a catalog read
+        # approvals (dbguard.approvals.flow): the claimed request of the statement being forwarded
+        self._approved_next = ""
+        self._approval_note = b""  # the approval outcome, added to the statement's decision entry
+        self._param_types: dict[str, tuple[int, ...]] = {}
+        self._approved_stmts: dict[int, str] = {}  # statement number -> request, until its completion
+        self._hold_cancel: asyncio.Event | None = None  # set while a statement waits for a decision
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -302,30 +313,45 @@ class ClientSession(asyncio.Protocol):
             return self._fatal("3D000", f'database "{database}" is not served by this proxy '
                                         f'(it serves "{self.settings.upstream.database}")')
         self.params = params
-        identity = self.settings.identity
-        if identity.mode == "workload":
-            self.principal = Principal(user=identity.workload_user, groups=identity.workload_groups,
-                                       source="workload", workload=identity.workload_user,
-                                       end_user=params.get("application_name", ""))
-            return self._connect_upstream()
+        if self.proxy.workload is not None:  # sidecar mode: every client is the pod's identity
+            self.state = "connecting"
+            return self._run_async(self._login(None))
         self.state = "password"
         self._send(m.encode_auth_request(3))  # AuthenticationCleartextPassword: the password is the token
         return None
 
     def _on_password(self, msg: m.PasswordMessage) -> None:
         token = msg.data.rstrip(b"\x00").decode("utf-8", "replace")
-        principal = self.proxy.tokens.authenticate(token) if self.proxy.tokens is not None else None
-        requested = self.params.get("user", "")
-        if principal is None or (requested and requested != principal.user):
-            self.proxy.events.emit(EventKind.CONNECTION, {"session": self.session_id, "client_addr": self.client_addr,
-                                                         "user": requested, "authenticated": False}, flush=True)
-            return self._fatal("28P01", f'token authentication failed for user "{requested}"')
-        self.principal = principal
-        return self._connect_upstream()
-
-    def _connect_upstream(self) -> None:
         self.state = "connecting"
-        self._run_async(self._open_upstream())
+        self._run_async(self._login(token))  # verifying may be network I/O (TokenReview, JWKS)
+
+    async def _login(self, token: str | None) -> None:
+        """Establish the client's identity (from its token, or the workload's), then connect upstream."""
+        requested = self.params.get("user", "")
+        try:
+            if token is None:
+                principal = await self.proxy.workload.current()
+                principal = dataclasses.replace(principal, end_user=self.params.get("application_name", ""))
+            elif self.proxy.tokens is None:
+                raise authenticator.Rejected("this proxy accepts no tokens")
+            else:
+                principal = await self.proxy.tokens.authenticate(token)
+                if not authenticator.login_matches(requested, principal):
+                    raise authenticator.Rejected(f'the token belongs to "{principal.user}"')
+        except authenticator.AuthenticationError as exc:
+            if self.state != "connecting":
+                return None  # the client is gone (login timeout) while we were asking
+            self.proxy.events.emit(EventKind.CONNECTION, {
+                "session": self.session_id, "client_addr": self.client_addr, "user": requested,
+                "authenticated": False, "sqlstate": str(exc.sqlstate), "reason": exc.reason}, flush=True)
+            if isinstance(exc, authenticator.Unavailable):
+                what = "the workload identity" if token is None else f'the token of user "{requested}"'
+                return self._fatal(str(exc.sqlstate), f"cannot verify {what} now: {exc.reason}")
+            return self._fatal(str(exc.sqlstate), f'token authentication failed for user "{requested}": {exc.reason}')
+        if self.state != "connecting":
+            return None
+        self.principal = principal
+        return await self._open_upstream()
 
     async def _open_upstream(self) -> None:
         forwarded = {k: v for k, v in self.params.items() if k in FORWARDED_PARAMS}
@@ -772,7 +798,7 @@ class ClientSession(asyncio.Protocol):
             return None
         now = datetime.datetime.now(datetime.UTC)
         verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
-        if verdict is None:
+        if verdict is None or (verdict.refusal is not None and self._approval_for(verdict) is not None):
             return self._run_async(self._query_slow(msg, statements, normalized, now, sql))
         return self._apply_query(msg, verdict, normalized, now)
 
@@ -780,6 +806,8 @@ class ClientSession(asyncio.Protocol):
                           now: datetime.datetime, sql: str = "") -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
+        if verdict.refusal is not None and self._approval_for(verdict) is not None:
+            verdict = await self._approve(verdict, sql, ())
         if verdict.refusal is None and self.mask_set is not None:
             refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
             if refusal is not None:
@@ -798,12 +826,14 @@ class ClientSession(asyncio.Protocol):
     def _finish_query(self, msg: m.Query, verdict: Verdict, failed: Refusal | None) -> None:
         refusal = failed or verdict.refusal
         if refusal is not None:
+            self._approval_not_run(refusal)
             return self._refuse(refusal, sync=True)
         self._send_warnings(verdict)
         self._remember(verdict.statements)
         self._syncs_sent += 1
         stmt, deferred = self._decided
         self._decided = (0, None)
+        self._approval_ran(stmt)
         self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
         self._out += msg.raw
         return None
@@ -822,6 +852,66 @@ class ClientSession(asyncio.Protocol):
                 self._statements = {k: v for k, v in self._statements.items() if k == ""}
             if f.command in _DDL_COMMANDS and self.proxy.masking is not None:
                 self.proxy.masking.catalog.stale = True  # masking reads the catalog again before its next check
+
+    # -- approvals -------------------------------------------------------------------------------
+
+    def _approval_for(self, verdict: Verdict) -> Decision | None:
+        if self.proxy.approvals is None:
+            return None
+        return approval_decision(verdict.decisions)
+
+    async def _approve(self, verdict: Verdict, statement: str, params: tuple[str | None, ...]) -> Verdict:
+        """Resolve a held statement: run it under a claimed approval, or refuse naming the request."""
+        decision = self._approval_for(verdict)
+        assert decision is not None and self.principal is not None
+        self._hold_cancel = asyncio.Event()
+
+        def notice(text: str) -> None:
+            self._send(m.encode_error(sqlstate="01000", message=text, severity="NOTICE", notice=True))
+
+        try:
+            outcome = await self.proxy.approvals.resolve(
+                decision=decision, principal=self.principal, database=self.settings.upstream.database,
+                statement=statement, params=params, operation=verdict.judged[0].command if verdict.judged else "",
+                session_id=self.session_id, notice=notice, cancelled=self._hold_cancel,
+                closed=lambda: self.state in ("closed", "gone"))
+        except LedgerUnavailable:
+            self.proxy.stats.ledger_refusals += 1
+            return dataclasses.replace(verdict, refusal=Refusal(
+                sqlstate=SqlState.IO_ERROR, rule="dbguard:ledger-unavailable",
+                message="dbguard refused the statement: the audit ledger cannot record it right now"))
+        except Exception as exc:  # noqa: BLE001 - a store that cannot answer means no approval (fail closed)
+            log.warning("session %s: approval store failed: %s", self.session_id, exc)
+            return dataclasses.replace(verdict, refusal=Refusal(
+                sqlstate=SqlState.INSUFFICIENT_PRIVILEGE, rule=decision.rule,
+                message=f"dbguard: approval required by rule {decision.rule}, and the approval store cannot be "
+                        f"reached: {type(exc).__name__}: {str(exc)[:200]}"))
+        finally:
+            self._hold_cancel = None
+        self._approval_note = orjson.dumps({"request": outcome.request, "outcome": outcome.state})
+        if outcome.run:
+            self._approved_next = outcome.request
+            return dataclasses.replace(verdict, refusal=None)
+        return dataclasses.replace(verdict, refusal=Refusal(sqlstate=outcome.sqlstate, rule=decision.rule,
+                                                            message=outcome.message, hint=outcome.hint))
+
+    def cancel_hold(self) -> bool:
+        """A cancel request while a statement waits for approval ends the wait."""
+        if self._hold_cancel is None:
+            return False
+        self._hold_cancel.set()
+        return True
+
+    def _approval_ran(self, stmt: int) -> None:
+        """The claimed statement is forwarded as statement ``stmt``: report its outcome on completion."""
+        if self._approved_next:
+            self._approved_stmts[stmt] = self._approved_next
+            self._approved_next = ""
+
+    def _approval_not_run(self, refusal: Refusal) -> None:
+        if self._approved_next and self.proxy.approvals is not None:
+            self.proxy.approvals.finished(self._approved_next, None, f"not executed: {refusal.message}")
+            self._approved_next = ""
 
     def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
         if not sync:
@@ -860,6 +950,9 @@ class ClientSession(asyncio.Protocol):
         self._stmt_no += 1
         members = (b'"stmt":%d,"protocol":"' % self._stmt_no + protocol.encode() + b'","statement":'
                    + orjson.dumps(statement[:4096]))
+        if self._approval_note:  # which approval request this statement ran under, or is waiting for
+            members += b',"approval_request":' + self._approval_note
+            self._approval_note = b""
         durable = refusal is not None or not reads
         if not durable:
             # A read's entry waits for its completion (rows, duration, error) and is written once.
@@ -884,6 +977,9 @@ class ClientSession(asyncio.Protocol):
         for p in finished:
             if not p.stmt:
                 continue
+            if self._approved_stmts and p.stmt in self._approved_stmts and self.proxy.approvals is not None:
+                self.proxy.approvals.finished(self._approved_stmts.pop(p.stmt), rows_from_tags(p.tags),
+                                              f"{p.error[0]}: {p.error[1]}" if p.error else None)
             completion = b'"completion":' + p.json()
             if p.deferred is not None:
                 self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion,
@@ -915,6 +1011,7 @@ class ClientSession(asyncio.Protocol):
             self._statements.pop(msg.name, None)
             return self._refuse_and_log(refusal_for_analysis_error(exc), sql, sync=False)
         self._statements[msg.name] = statements
+        self._param_types[msg.name] = msg.param_types  # to show binary parameters of held statements as text
         self._out += msg.raw
         return None
 
@@ -933,13 +1030,19 @@ class ClientSession(asyncio.Protocol):
             return None
         now = datetime.datetime.now(datetime.UTC)
         verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
-        if verdict is None:
+        if verdict is None or (verdict.refusal is not None and self._approval_for(verdict) is not None):
             return self._run_async(self._bind_slow(msg, statements, now))
         return self._apply_bind(msg, verdict, now)
 
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
+        if verdict.refusal is not None and self._approval_for(verdict) is not None:
+            text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
+            verdict = await self._approve(verdict, text, params_as_text(msg.params, msg.param_formats,
+                                                                        self._param_types.get(msg.statement, ())))
+            if verdict.refusal is not None:
+                self._discard_until_sync = True
         if verdict.refusal is None and self.mask_set is not None:
             text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
             refusal = await self._mask_check(text, portal=msg.portal)
@@ -968,11 +1071,13 @@ class ClientSession(asyncio.Protocol):
         refusal = failed or verdict.refusal
         if refusal is not None:
             self._portals.pop(msg.portal, None)
+            self._approval_not_run(refusal)
             return self._refuse(refusal, sync=False)
         self._send_warnings(verdict)
         self._remember(verdict.statements)
         stmt, deferred = self._decided
         self._decided = (0, None)
+        self._approval_ran(stmt)
         self._drop_portals([msg.portal])  # a Bind replaces a portal of the same name
         self._portals[msg.portal] = (verdict.statements, stmt, deferred)
         self._out += msg.raw
