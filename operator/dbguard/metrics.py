@@ -6,6 +6,7 @@ them into metric families at scrape time, so metrics cost nothing per statement.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import threading
@@ -14,9 +15,38 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
+
+
+class Buckets:
+    """A histogram kept as plain integers (observe is a bisect and two adds), read at scrape time."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.total)
+
+
+STATEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+POLICY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0)
+LEDGER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 @dataclasses.dataclass(slots=True)
@@ -27,6 +57,8 @@ class ProxyStats:
     ledger_refusals: int = 0  # statements refused because the ledger could not commit them
     connections: int = 0
     masked_rows: int = 0  # DataRows and COPY rows rewritten by masking
+    decisions: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (action, rule)
+    statements: Buckets = dataclasses.field(default_factory=lambda: Buckets(STATEMENT_BUCKETS))
 
 
 class ProxyCollector(Collector):
@@ -44,6 +76,32 @@ class ProxyCollector(Collector):
             refusals.add_metric([rule], n)
         yield refusals
         yield CounterMetricFamily("dbguard_masked_rows", "result rows sent with masked values", value=stats.masked_rows)
+        decisions = CounterMetricFamily("dbguard_decisions", "statements decided, by enforced action and rule "
+                                        "(rule is empty for a policy's default)", labels=["action", "rule", "database"])
+        database = proxy.settings.upstream.database
+        for (action, rule), n in sorted(stats.decisions.items()):
+            decisions.add_metric([action, rule, database], n)
+        yield decisions
+        yield stats.statements.family("dbguard_statement_duration_seconds",
+                                      "time from forwarding a statement to its last response from the server")
+        decider = proxy.decider
+        if getattr(decider, "latency", None) is not None:
+            yield decider.latency.family("dbguard_policy_evaluation_seconds",
+                                         "policy evaluations (cache misses), including the wait for the engine")
+        approvals = proxy.approvals
+        if approvals is not None:
+            yield GaugeMetricFamily("dbguard_approvals_held", "statements waiting now for an approval (hold mode)",
+                                    value=sum(1 for s in proxy.sessions if s.holding()))
+            yield CounterMetricFamily("dbguard_approval_requests", "approval requests created",
+                                      value=approvals.created)
+            yield CounterMetricFamily("dbguard_approved_executions", "statements run under a claimed approval",
+                                      value=approvals.executed)
+        reloader = getattr(proxy, "reloader", None)
+        if reloader is not None:
+            yield CounterMetricFamily("dbguard_policy_reloads", "policy revisions loaded while running",
+                                      value=reloader.reloads)
+            yield CounterMetricFamily("dbguard_policy_reload_failures", "changed policy files that did not load",
+                                      value=reloader.failures)
         cache = proxy.facts_cache
         yield CounterMetricFamily("dbguard_facts_cache_hits", "statement analyses served from cache", value=cache.hits)
         yield CounterMetricFamily("dbguard_facts_cache_misses", "statements parsed and analyzed",
@@ -65,6 +123,8 @@ class ProxyCollector(Collector):
                                     value=ledger.queued())
             yield GaugeMetricFamily("dbguard_ledger_up", "1 when the last ledger commit succeeded",
                                     value=0 if ledger.last_failed else 1)
+            yield ledger.commit_latency.family("dbguard_ledger_commit_seconds",
+                                               "time to commit one batch of ledger entries")
 
 
 class _QuietHandler(WSGIRequestHandler):

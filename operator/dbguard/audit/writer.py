@@ -24,6 +24,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dbguard.audit import ledger
+from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
 log = logging.getLogger("dbguard.ledger")
 
@@ -162,6 +163,7 @@ class LedgerWriter:
         self._retry: list[tuple[bytes, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
+        self.commit_latency = Buckets(LEDGER_BUCKETS)
         self.failures = 0
         self.dropped = 0
         self.last_error = ""
@@ -262,7 +264,9 @@ class LedgerWriter:
                 # at most a second of entries is ever unsigned while traffic flows
                 checkpoints.append((seq, prev, ledger.sign_checkpoint(self._key, self.chain, seq, prev)))
                 self._last_signed = now
+            started = time.monotonic()
             self.store.write(self.chain, entries, checkpoints)
+            self.commit_latency.observe(time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - disk full, locked, server gone: refuse what must be durable
             if entries and self._landed(seq, prev):
                 log.warning("ledger %s: the commit reported %s but landed; continuing", self.name, exc)

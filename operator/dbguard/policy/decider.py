@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -18,6 +19,7 @@ import orjson
 
 from dbguard.analyze.facts import StatementFacts
 from dbguard.identity.principal import Principal
+from dbguard.metrics import POLICY_BUCKETS, Buckets
 from dbguard.policy.compile import CompiledBundle
 from dbguard.policy.decision import Decision, EnforcementAction, PolicyAction
 from dbguard.policy.engine import PolicyEngine, PolicyEvaluationError
@@ -47,6 +49,7 @@ class Decider:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbguard-policy")
         self.hits = 0
         self.misses = 0
+        self.latency = Buckets(POLICY_BUCKETS)
         self.generation = 0  # bumped by replace(): an evaluation started before a reload is not cached
 
     def replace(self, bundle: CompiledBundle, engine: PolicyEngine) -> None:
@@ -131,16 +134,19 @@ class Decider:
         doc = build_input(principal, session, facts, now, self.bundle.timezones)
         loop = asyncio.get_running_loop()
         generation = self.generation
+        started = time.monotonic()
         try:
             decision = await asyncio.wait_for(loop.run_in_executor(self._pool, self.engine.evaluate, doc),
                                               self.timeout_s)
         except TimeoutError:
+            self.latency.observe(time.monotonic() - started)
             return refusal_decision("dbguard:policy-timeout",
                                     f"the policy was not evaluated within {self.timeout_s * 1000:.0f} ms",
                                     self.revision)
         except PolicyEvaluationError as exc:
             return refusal_decision("dbguard:policy-error", f"the policy could not be evaluated: {exc}",
                                     self.revision)
+        self.latency.observe(time.monotonic() - started)
         if generation != self.generation:  # the policy was reloaded meanwhile: decide again under the new one
             return await self._evaluate(principal, session, facts, now, key)
         self._cache[key] = decision

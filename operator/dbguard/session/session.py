@@ -895,6 +895,10 @@ class ClientSession(asyncio.Protocol):
         return dataclasses.replace(verdict, refusal=Refusal(sqlstate=outcome.sqlstate, rule=decision.rule,
                                                             message=outcome.message, hint=outcome.hint))
 
+    def holding(self) -> bool:
+        """A statement of this session waits for an approval now."""
+        return self._hold_cancel is not None
+
     def cancel_hold(self) -> bool:
         """A cancel request while a statement waits for approval ends the wait."""
         if self._hold_cancel is None:
@@ -926,6 +930,9 @@ class ClientSession(asyncio.Protocol):
     def _emit_decision(self, verdict: Verdict, statement: str, protocol: str,
                        now: datetime.datetime) -> Waiter | None:
         refusal = verdict.refusal
+        counts = self.proxy.stats.decisions
+        for d in verdict.decisions:
+            counts[(d.enforced.value, d.rule)] += 1
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
         key = (id(verdict.judged), *map(id, verdict.decisions))
         memo = _SHAPE_MEMO.get(key)
@@ -974,9 +981,12 @@ class ClientSession(asyncio.Protocol):
 
     def _record_completions(self, finished: list[Pending]) -> None:
         now_iso = ""
+        durations = self.proxy.stats.statements
         for p in finished:
             if not p.stmt:
                 continue
+            if p.ended:
+                durations.observe(p.ended - p.started)
             if self._approved_stmts and p.stmt in self._approved_stmts and self.proxy.approvals is not None:
                 self.proxy.approvals.finished(self._approved_stmts.pop(p.stmt), rows_from_tags(p.tags),
                                               f"{p.error[0]}: {p.error[1]}" if p.error else None)
