@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.fix_postgres import Postgres, free_port, wait_until
+from tests.fix_postgres import APP_PASSWORD, Postgres, free_port, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = ROOT / "examples" / "policy.yaml"
@@ -71,11 +71,13 @@ def start_proxy(pg: Postgres, tmp: pathlib.Path, *extra: str, policy: pathlib.Pa
     events = tmp / "events.jsonl"
     log = tmp / "proxy.log"
     args = [sys.executable, "-m", "dbguard", "proxy", "--listen", f"127.0.0.1:{port}",
-            "--upstream", upstream or pg.app_url, "--policy", str(policy or EXAMPLE_POLICY),
+            "--upstream", upstream or pg.app_url.replace(f":{APP_PASSWORD}@", "@"), "--policy",
+            str(policy or EXAMPLE_POLICY),
             "--events", str(events), *extra]
     if not {"--workload-identity", "--tokens", "--auth", "--workload-token-file"} & set(extra):
         args += ["--tokens", str(EXAMPLE_TOKENS)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The password goes in the environment, as in production: never in the process list.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DBGUARD_UPSTREAM_PASSWORD": APP_PASSWORD}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)  # noqa: SIM115
     proxy = Proxy(port=port, proc=proc, events_path=events, log_path=log)
     try:

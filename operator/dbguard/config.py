@@ -76,7 +76,8 @@ class LimitSettings:
     max_message_size: int = 64 * 1024 * 1024  # bytes; larger client messages close the connection (54000)
     login_timeout: float = 10.0  # seconds from connect to ReadyForQuery
     policy_timeout: float = 0.2  # seconds for one policy evaluation; past it the statement is refused
-    max_connections: int = 1000  # per proxy
+    max_connections: int = 2000  # client connections per proxy (0: no limit); more get 53300 at start-up
+    max_connections_per_identity: int = 0  # authenticated connections per identity (0: no limit)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for sessions to finish
 
 

@@ -14,7 +14,7 @@ def test_proxy_defaults_are_safe_and_documented():
     assert s.limits.policy_timeout == 0.2
     assert s.limits.login_timeout == 10.0
     assert s.limits.max_message_size == 64 * 1024 * 1024
-    assert s.limits.max_connections == 1000
+    assert s.limits.max_connections == 2000 and s.limits.max_connections_per_identity == 0
     assert s.engine == "embedded"
     assert s.identity.mode == "token"
     assert s.upstream.sslmode == "prefer"

@@ -71,7 +71,7 @@ def sidecar_container(access: dict[str, Any], image: str, revision: str) -> dict
     if ledger:
         env.append({"name": "DBGUARD_LEDGER_URL", "valueFrom": {"secretKeyRef": {
             "name": ledger["name"], "key": ledger.get("key", "url")}}})
-        args += ["--ledger", "$(DBGUARD_LEDGER_URL)"]
+        args += ["--ledger", "env:DBGUARD_LEDGER_URL"]  # never $(VAR): the expanded URL would be in the process list
     mounts = [
         {"name": f"{VOLUME_PREFIX}database", "mountPath": CREDENTIALS_DIR, "readOnly": True},
         {"name": f"{VOLUME_PREFIX}token", "mountPath": TOKEN_DIR, "readOnly": True},

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import urllib.parse
 
 from dbguard.audit.events import EventSink
 from dbguard.config import (
@@ -130,7 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", default="", metavar="FILE|URL",
                    help="the hash-chained audit ledger: a SQLite file (WAL; one proxy) or a postgresql:// URL "
                         "of a database apart from the governed one (a cluster of proxies, one chain each). "
-                        "Writes and refusals are committed to it before they run or are answered")
+                        "Writes and refusals are committed to it before they run or are answered. "
+                        "env:VAR reads the location from an environment variable, keeping a URL's password out "
+                        "of the process list")
     p.add_argument("--ledger-chain", default="", metavar="NAME",
                    help="this proxy's chain in the ledger (default HOST:PORT)")
     p.add_argument("--ledger-signing-key", default="", metavar="PEM",
@@ -143,6 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--max-message-size", type=int, default=64 * 1024 * 1024, metavar="BYTES",
                    help="largest client message accepted (default 64 MiB)")
+    p.add_argument("--max-connections", type=int, default=2000, metavar="N",
+                   help="client connections this proxy accepts at once; more are refused with SQLSTATE 53300 "
+                        "(default 2000; 0 for no limit; each holds one server connection)")
+    p.add_argument("--max-connections-per-identity", type=int, default=0, metavar="N",
+                   help="connections one identity may hold at once (53300 past it; default 0: no limit) - keeps one "
+                        "runaway agent or app from taking the server's connections")
     p.add_argument("--login-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="time a client has to finish start-up and authentication (default 10)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -191,6 +200,17 @@ def identity_settings(args: argparse.Namespace) -> IdentitySettings:
                             kubeconfig=args.kubeconfig or "", oidc=oidc)
 
 
+def _from_env(value: str, flag: str) -> str:
+    """``env:NAME`` -> the variable's value (secrets stay out of the process list)."""
+    if not value.startswith("env:"):
+        return value
+    name = value[4:]
+    found = os.environ.get(name, "")
+    if not found:
+        raise ConfigError(f"{flag} {value}: the environment variable {name} is not set")
+    return found
+
+
 def settings_from_args(args: argparse.Namespace) -> ProxySettings:
     password = None
     if args.upstream_password_file:
@@ -212,7 +232,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
                               tls_key=args.tls_key or "", require_tls=args.require_tls),
         upstream=UpstreamSettings.from_url(args.upstream, password=password),
         limits=LimitSettings(max_message_size=args.max_message_size, login_timeout=args.login_timeout,
-                             policy_timeout=args.policy_timeout),
+                             policy_timeout=args.policy_timeout, max_connections=args.max_connections,
+                             max_connections_per_identity=args.max_connections_per_identity),
         identity=identity_settings(args),
         policy_files=tuple(args.policy),
         policy_reload_interval=args.policy_reload_interval,
@@ -222,7 +243,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         engine=args.engine,
         opa_url=args.opa_url,
         events=args.events,
-        ledger=LedgerSettings(path=args.ledger, chain=args.ledger_chain, signing_key=args.ledger_signing_key,
+        ledger=LedgerSettings(path=_from_env(args.ledger, "--ledger"), chain=args.ledger_chain,
+                              signing_key=args.ledger_signing_key,
                               synchronous=args.ledger_synchronous),
         masking_key=args.masking_key,
     )
@@ -233,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from_args(args)
+        if urllib.parse.urlsplit(args.upstream).password:
+            logging.getLogger("dbguard.proxy").warning(
+                "the upstream password is in the --upstream URL, where the process list shows it; use "
+                "--upstream-password-file or $DBGUARD_UPSTREAM_PASSWORD")
         from dbguard.session import app
         proxy = app.build_proxy(settings)
     except ConfigError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import signal
@@ -51,6 +52,7 @@ class Proxy:
         self._flusher: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self.reloader: Any = None
+        self.identity_sessions: collections.Counter[str] = collections.Counter()  # authenticated sessions by user
         self.approvals: Any = None  # dbguard.approvals.flow.Approvals when an approval store is configured
         self._reload_task: asyncio.Task | None = None
 

@@ -113,6 +113,7 @@ class ClientSession(asyncio.Protocol):
         self._holding: bytearray | None = None  # server output held while the catalog is read again
         self._held_once = False  # the current RowDescription was already held for a catalog read
         # approvals (dbguard.approvals.flow): the claimed request of the statement being forwarded
+        self._counted_as = ""  # the identity this session counts against (--max-connections-per-identity)
         self._approved_next = ""
         self._approval_note = b""  # the approval outcome, added to the statement's decision entry
         self._param_types: dict[str, tuple[int, ...]] = {}
@@ -200,6 +201,12 @@ class ClientSession(asyncio.Protocol):
                 self.proxy.events.emit(EventKind.DISCONNECT, {"session": self.session_id, "user": self.principal.user})
             self.state = "gone"
         self.proxy.sessions.discard(self)
+        if self._counted_as:
+            held = self.proxy.identity_sessions
+            held[self._counted_as] -= 1
+            if held[self._counted_as] <= 0:
+                del held[self._counted_as]
+            self._counted_as = ""
         self.proxy.cancel_keys.pop(self.key, None)
         if self.upstream is not None:
             self.upstream.protocol.on_lost = None
@@ -298,6 +305,10 @@ class ClientSession(asyncio.Protocol):
 
     def _on_startup(self, msg: m.StartupMessage) -> None:
         params = msg.params
+        cap = self.settings.limits.max_connections
+        if cap and len(self.proxy.sessions) > cap:  # this session is already counted
+            self.proxy.stats.refusals["dbguard:too-many-connections"] += 1
+            return self._fatal("53300", f"sorry, too many clients already through this dbguard proxy (limit {cap})")
         if "replication" in params:
             return self._fatal("0A000", "replication connections are not allowed through dbguard")
         unknown = sorted(set(params) - FORWARDED_PARAMS - IGNORED_PARAMS)
@@ -350,6 +361,17 @@ class ClientSession(asyncio.Protocol):
             return self._fatal(str(exc.sqlstate), f'token authentication failed for user "{requested}": {exc.reason}')
         if self.state != "connecting":
             return None
+        cap = self.settings.limits.max_connections_per_identity
+        held = self.proxy.identity_sessions
+        if cap and held[principal.user] >= cap:
+            self.proxy.stats.refusals["dbguard:too-many-connections"] += 1
+            self.proxy.events.emit(EventKind.CONNECTION, {
+                "session": self.session_id, "client_addr": self.client_addr, "user": principal.user,
+                "authenticated": True, "sqlstate": "53300", "reason": "per-identity connection limit"}, flush=True)
+            return self._fatal("53300", f'too many connections for "{principal.user}" through this dbguard proxy '
+                                        f"(limit {cap} per identity)")
+        held[principal.user] += 1
+        self._counted_as = principal.user
         self.principal = principal
         return await self._open_upstream()
 
