@@ -234,3 +234,21 @@ def test_changes_made_while_the_operator_is_down_are_reconciled_on_restart(op: O
     cms = kube.kubectl("-n", kube_ns, "get", "cm", "-l", "app.kubernetes.io/managed-by=dbguard", "-o", "name").stdout
     assert cms.split() == ["configmap/dbguard-policy-shop-guardrails"]
     assert status_of(op, "gp", kube_ns, "shop-guardrails")["revision"] == second["revision"]
+
+
+def _pod_with(name: str, containers: list[dict]) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "labels": {"dbguard.io/access": "shop-api"}}, "spec": {
+        "serviceAccountName": "api", "containers": containers}})
+
+
+@pytest.mark.parametrize(("containers", "message"), [
+    ([{"name": "app", "image": "x", "volumeMounts": [{"name": "dbguard-database", "mountPath": "/creds"}]}],
+     "volumes named 'dbguard-*' are the sidecar's alone"),
+    ([{"name": "app", "image": "x"}, {"name": "dbguard-proxy", "image": "busybox"}],
+     "container name 'dbguard-proxy' is reserved"),
+])
+def test_the_app_cannot_reach_the_sidecars_credentials_or_pose_as_it(op: Operator, ready_access: str,
+                                                                       containers: list, message: str) -> None:
+    r = op.kube.kubectl("-n", ready_access, "create", "-f", "-", input=_pod_with("sneak", containers), check=False)
+    assert r.returncode != 0 and message in r.stderr, r.stderr

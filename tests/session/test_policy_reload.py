@@ -112,3 +112,19 @@ def test_masking_change_closes_masked_sessions_only(mounted: tuple[ConfigMapDir,
     with psycopg.connect(proxy.dsn("copilot"), autocommit=True) as again:
         email = again.execute("SELECT email FROM customers ORDER BY id LIMIT 1").fetchone()[0]
         assert "@" not in email  # the new revision redacts instead of keeping the domain
+
+
+def test_a_masking_change_that_cannot_be_built_keeps_the_running_revision(mounted: tuple[ConfigMapDir, Proxy]) -> None:
+    cm, proxy = mounted
+    loaded = next(e for e in proxy.events() if e.get("kind") == "policy")["revision"]
+    with psycopg.connect(proxy.dsn("copilot"), autocommit=True) as conn:
+        # A hash rule needs --masking-key, which this proxy was not given: the whole revision is refused.
+        hashed = EXAMPLE_MASKING.read_text() + "    - columns: [public.customers.name]\n      strategy: hash\n"
+        cm.publish({"policy.yaml": EXAMPLE_POLICY.read_text(), "masking.yaml": hashed})
+        wait_until(lambda: any(e.get("event") == "reload-failed" for e in proxy.events()), timeout=15,
+                   what="the failed reload to be recorded")
+        failed = next(e for e in proxy.events() if e.get("event") == "reload-failed")
+        assert "--masking-key" in failed["error"] and failed["revision"] == loaded
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-unfiltered-writes"):
+            conn.execute("DELETE FROM orders")
+    assert not any(e.get("event") == "reloaded" for e in proxy.events())

@@ -18,11 +18,18 @@ TIMEOUT_MS = 1000
 
 
 async def estimated_rows(upstream: UpstreamSettings, statement: str, params: tuple[str | None, ...]) -> int | None:
+    """Callers pass one analyzed statement only. It is still sent with the extended protocol (one
+    statement per message, whatever the text says) in a READ ONLY transaction that is rolled back."""
     try:
         async with await psycopg.AsyncConnection.connect(**upstream.conninfo("dbguard-estimate")) as conn:
+            await conn.set_read_only(True)
             async with conn.transaction(force_rollback=True):
-                await conn.execute(f"SET LOCAL statement_timeout = {TIMEOUT_MS}")
-                cur = await conn.execute(("EXPLAIN (FORMAT JSON) " + statement).encode(), params or None)
+                await conn.execute(f"SET LOCAL statement_timeout = {TIMEOUT_MS}", prepare=False)
+                # prepare=True: a server-side prepared statement holds exactly one command, so no
+                # text can smuggle a second one past EXPLAIN (psycopg would otherwise use the simple
+                # protocol for a query without parameters, which runs every statement in it).
+                cur = await conn.execute(("EXPLAIN (FORMAT JSON) " + statement).encode(), list(params),
+                                         prepare=True)
                 plan = (await cur.fetchone())[0]
         node = plan[0]["Plan"]
         if node.get("Node Type") == "ModifyTable" and node.get("Plans"):

@@ -86,14 +86,23 @@ class Approvals:
     async def resolve(self, *, decision: Decision, principal: Principal, database: str, statement: str,
                       params: tuple[str | None, ...], operation: str, session_id: str,
                       notice: Callable[[str], None], cancelled: asyncio.Event,
-                      closed: Callable[[], bool]) -> Outcome:
+                      closed: Callable[[], bool], formats: tuple[int, ...] = (), types: tuple[int, ...] = (),
+                      estimable: bool = False) -> Outcome:
         settings = decision.approval or {}
         mode = settings.get("mode", "reject-and-retry")
-        fp = fingerprint(statement, params, database, principal.user)
+        fp = fingerprint(statement, params, database, principal.user, formats, types)
         now = datetime.datetime.now(datetime.UTC)
-        existing = await self.store.find(fp)
+        existing = []
+        for candidate in await self.store.find(fp):
+            problem = candidate.problem(fingerprint=fp, user=principal.user, rule=decision.rule, settings=settings)
+            if problem:  # written by someone other than a proxy, or for another rule: never run under it
+                log.warning("approval request %s ignored: %s", candidate.name, problem)
+                self.events.emit(EventKind.APPROVAL, {"event": "ignored", "request": candidate.name,
+                                                      "session": session_id, "reason": problem}, flush=True)
+                continue
+            existing.append(candidate)
         request: Request | None = existing[0] if existing else None
-        phase = request.phase(now) if request is not None else ""
+        phase = request.trusted_phase(settings, now) if request is not None else ""
         if request is not None and phase == "Approved":
             outcome = await self._claim(request, session_id)
             if outcome is not None:
@@ -105,7 +114,7 @@ class Approvals:
             return self._finished_outcome(request, phase)
         if request is None or phase not in ("Pending",):
             request = await self._create(decision, principal, database, statement, params, operation, fp, mode,
-                                         settings, session_id)
+                                         settings, session_id, formats, types, estimable)
         hint = self.store.approve_hint(request.name)
         if mode != "hold":
             return Outcome(run=False, request=request.name, state="pending",
@@ -116,7 +125,7 @@ class Approvals:
         timeout = float(settings.get("timeoutSeconds") or 300)
         notice(f"dbguard: statement held for approval by rule {where} ({decision.reason}): request "
                f"{request.name}; waiting up to {timeout:g}s; approve with: {hint}")
-        return await self._hold(request, timeout, session_id, cancelled, closed)
+        return await self._hold(request, timeout, session_id, cancelled, closed, settings)
 
     async def _claim(self, request: Request, session_id: str) -> Outcome | None:
         if not await self.store.claim(request.name, self.proxy_id):
@@ -132,9 +141,9 @@ class Approvals:
 
     async def _create(self, decision: Decision, principal: Principal, database: str, statement: str,
                       params: tuple[str | None, ...], operation: str, fp: str, mode: str, settings: dict[str, Any],
-                      session_id: str) -> Request:
+                      session_id: str, formats: tuple[int, ...], types: tuple[int, ...], estimable: bool) -> Request:
         rows = None
-        if operation in _ESTIMABLE:
+        if estimable and operation in _ESTIMABLE and not any(f == 1 for f in formats):
             rows = await estimate.estimated_rows(self.upstream, statement, params)
         new = NewRequest(
             requester=principal.user, groups=principal.groups, database=database, access=self.access,
@@ -143,7 +152,8 @@ class Approvals:
             approver_groups=tuple(settings.get("approverGroups") or ()),
             approver_users=tuple(settings.get("approverUsers") or ()),
             min_approvals=int(settings.get("minApprovals") or 1), mode=mode,
-            ttl_seconds=int(settings.get("ttlSeconds") or 3600), estimated_rows=rows)
+            ttl_seconds=int(settings.get("ttlSeconds") or 3600), estimated_rows=rows, parameter_formats=formats,
+            parameter_types=types)
         request = await self.store.create(new)
         self.created += 1
         waiter = self.events.emit(EventKind.APPROVAL, {
@@ -160,13 +170,13 @@ class Approvals:
         return request
 
     async def _hold(self, request: Request, timeout: float, session_id: str, cancelled: asyncio.Event,
-                    closed: Callable[[], bool]) -> Outcome:
+                    closed: Callable[[], bool], settings: dict[str, Any]) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         name = request.name
         while True:
             current = await self.store.get(name)
-            phase = current.phase() if current is not None else "Cancelled"
+            phase = current.trusted_phase(settings) if current is not None else "Cancelled"
             if phase == "Approved":
                 assert current is not None
                 outcome = await self._claim(current, session_id)

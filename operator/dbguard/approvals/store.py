@@ -20,29 +20,45 @@ import orjson
 from dbguard.approvals import decisions
 
 
-def fingerprint(statement: str, params: tuple[str | None, ...], database: str, user: str) -> str:
-    """SHA-256 over the exact text, the parameters, the database and the identity.
+def fingerprint(statement: str, params: tuple[str | None, ...] | list[str | None], database: str, user: str,
+                formats: tuple[int, ...] | list[int] = (), types: tuple[int, ...] | list[int] = ()) -> str:
+    """SHA-256 over the exact text, the parameters (with their wire formats and declared types),
+    the database and the identity.
 
     An approval runs this statement, with these parameters, in this database, for this identity:
-    change any of them and it is another request.
+    change any of them and it is another request. Formats and types are part of it because the
+    same shown value can mean something else in another format (text '\\x61' vs binary bytes).
     """
-    doc = orjson.dumps({"statement": statement, "params": list(params), "database": database, "user": user},
-                       option=orjson.OPT_SORT_KEYS)
+    doc = orjson.dumps({"statement": statement, "params": list(params), "database": database, "user": user,
+                        "formats": list(formats), "types": list(types)}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(doc).hexdigest()
 
 
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    """The fingerprint a stored request's own fields give (a forged request's claim does not match)."""
+    return fingerprint(spec.get("statement", ""), list(spec.get("parameters") or []), spec.get("database", ""),
+                       (spec.get("requester") or {}).get("user", ""), list(spec.get("parameterFormats") or []),
+                       list(spec.get("parameterTypes") or []))
+
+
 _BINARY = {  # type OID -> decoder of the binary format, for the types clients send in binary
-    16: lambda b: "true" if b == b"\x01" else "false",
+    16: lambda b: {b"\x00": "false", b"\x01": "true"}[b],  # boolrecv takes any non-zero byte: others shown as hex
     20: lambda b: str(struct.unpack("!q", b)[0]),
     21: lambda b: str(struct.unpack("!h", b)[0]),
     23: lambda b: str(struct.unpack("!i", b)[0]),
     26: lambda b: str(struct.unpack("!I", b)[0]),
-    700: lambda b: repr(struct.unpack("!f", b)[0]),
-    701: lambda b: repr(struct.unpack("!d", b)[0]),
+    700: lambda b: _float(struct.unpack("!f", b)[0]),
+    701: lambda b: _float(struct.unpack("!d", b)[0]),
     25: lambda b: b.decode("utf-8"),
     1043: lambda b: b.decode("utf-8"),
     2950: lambda b: str(uuid.UUID(bytes=b)),
 }
+
+
+def _float(value: float) -> str:
+    if value != value:  # NaN payloads differ in their bits: show the bytes
+        raise ValueError("NaN")
+    return repr(value)
 
 
 def params_as_text(params: tuple[bytes | None, ...], formats: tuple[int, ...],
@@ -58,7 +74,7 @@ def params_as_text(params: tuple[bytes | None, ...], formats: tuple[int, ...],
             decoder = _BINARY.get(types[i] if i < len(types) else 0)
             try:
                 out.append(decoder(p) if decoder is not None else "\\x" + p.hex())
-            except (struct.error, ValueError):
+            except (struct.error, ValueError, KeyError, UnicodeDecodeError):
                 out.append("\\x" + p.hex())
         else:
             out.append(p.decode("utf-8", "replace"))
@@ -85,6 +101,8 @@ class NewRequest:
     mode: str
     ttl_seconds: int
     estimated_rows: int | None = None
+    parameter_formats: tuple[int, ...] = ()
+    parameter_types: tuple[int, ...] = ()
 
     def name(self) -> str:
         prefix = (self.access or "dbguard")[:40].rstrip("-")
@@ -101,6 +119,10 @@ class NewRequest:
             "minApprovals": self.min_approvals, "mode": self.mode,
             "expiresAt": expires.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         }
+        if self.parameter_formats:
+            spec["parameterFormats"] = list(self.parameter_formats)
+        if self.parameter_types:
+            spec["parameterTypes"] = list(self.parameter_types)
         if self.access:
             spec["access"] = self.access
         if self.estimated_rows is not None:
@@ -122,6 +144,50 @@ class Request:
         if status.get("phase") == "Executed" or (status.get("execution") or {}).get("at"):
             return "Executed"
         view = {"spec": self.doc.get("spec") or {}, "status": {}}
+        return decisions.phase_of(view, now or datetime.datetime.now(datetime.UTC))[0]
+
+    def problem(self, *, fingerprint: str, user: str, rule: str, settings: dict[str, Any]) -> str:
+        """Why this stored request cannot stand for the statement at hand ('' when it can).
+
+        Whoever may create requests (a workload's ServiceAccount) could write any spec: the proxy
+        believes only what it can check against the statement, the identity and the rule in force.
+        """
+        spec = self.spec
+        if spec.get("fingerprint") != fingerprint or spec_fingerprint(spec) != fingerprint:
+            return "its fingerprint does not match its own statement, parameters, database and requester"
+        if (spec.get("requester") or {}).get("user") != user:
+            return "it was made for another requester"
+        if (spec.get("rule") or {}).get("name") != rule:
+            return "it names another rule"
+        approvers = spec.get("approvers") or {}
+        if (sorted(approvers.get("groups") or []) != sorted(settings.get("approverGroups") or [])
+                or sorted(approvers.get("users") or []) != sorted(settings.get("approverUsers") or [])):
+            return "its approvers are not the rule's"
+        if int(spec.get("minApprovals") or 1) < int(settings.get("minApprovals") or 1):
+            return "it asks for fewer approvals than the rule"
+        created = (self.doc.get("metadata") or {}).get("creationTimestamp")
+        ttl = int(settings.get("ttlSeconds") or 3600)
+        try:
+            if created is None or (decisions.parse_time(spec["expiresAt"]) - decisions.parse_time(created)
+                                   > datetime.timedelta(seconds=ttl + 120)):
+                return "it expires later than the rule allows"
+        except (KeyError, ValueError):
+            return "its times do not parse"
+        return ""
+
+    def trusted_phase(self, settings: dict[str, Any], now: datetime.datetime | None = None) -> str:
+        """The phase from the approvals of people the *rule* names as approvers (never the requester)."""
+        status = self.doc.get("status") or {}
+        if status.get("phase") == "Executed" or (status.get("execution") or {}).get("at"):
+            return "Executed"
+        spec = self.spec
+        requester = (spec.get("requester") or {}).get("user", "")
+        groups = set(settings.get("approverGroups") or [])
+        users = set(settings.get("approverUsers") or [])
+        entries = [a for a in spec.get("approvals") or []
+                   if (a.get("decision") == "Cancelled" and a.get("user") == requester)
+                   or (a.get("user") != requester and (a.get("user") in users or groups & set(a.get("groups") or [])))]
+        view = {"spec": {**spec, "approvals": entries}, "status": {}}
         return decisions.phase_of(view, now or datetime.datetime.now(datetime.UTC))[0]
 
     @property

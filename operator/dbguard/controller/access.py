@@ -64,7 +64,8 @@ def check(api: client.ApiClient, access: dict[str, Any]) -> tuple[bool, str, str
 def injected_pods(api: client.ApiClient, namespace: str, name: str) -> int:
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"{ACCESS_LABEL}={name}")
     return sum(1 for p in pods.items
-               if any(c.name == SIDECAR_NAME for c in (p.spec.init_containers or []) + (p.spec.containers or [])))
+               if "dbguard.io/injected" in (p.metadata.annotations or {})
+               and any(c.name == SIDECAR_NAME for c in p.spec.init_containers or []))
 
 
 def ensure_tokenreview_binding(api: client.ApiClient, access: dict[str, Any]) -> None:

@@ -135,6 +135,21 @@ def sidecar_volumes(access: dict[str, Any]) -> list[dict[str, Any]]:
     return volumes
 
 
+def check_containers(spec: dict[str, Any], key: str = "") -> None:
+    """The app's own containers may not take the sidecar's name or mount its volumes (the real
+    credentials, the ServiceAccount tokens): refuse the pod, naming the container."""
+    kinds = (key,) if key else ("containers", "initContainers", "ephemeralContainers")
+    for kind in kinds:
+        for c in spec.get(kind) or []:
+            if c.get("name") == SIDECAR_NAME:
+                raise InjectionError(f"container name {SIDECAR_NAME!r} is reserved for the dbguard sidecar")
+            taken = sorted({m.get("name", "") for m in c.get("volumeMounts") or []
+                            if m.get("name", "").startswith(VOLUME_PREFIX)})
+            if taken:
+                raise InjectionError(f"container {c.get('name')!r} mounts {taken}: volumes named "
+                                     f"'{VOLUME_PREFIX}*' are the sidecar's alone")
+
+
 def _set_env(container: dict[str, Any], values: dict[str, str]) -> None:
     env = [e for e in container.get("env") or [] if e.get("name") not in values]
     env += [{"name": k, "value": v} for k, v in values.items()]
@@ -146,8 +161,10 @@ def inject(pod: dict[str, Any], access: dict[str, Any], *, image: str, revision:
     spec = pod.get("spec") or {}
     containers = spec.get("containers") or []
     init = spec.get("initContainers") or []
-    if any(c.get("name") == SIDECAR_NAME for c in containers + init):
-        return None
+    annotations = dict((pod.get("metadata") or {}).get("annotations") or {})
+    if "dbguard.io/injected" in annotations and any(c.get("name") == SIDECAR_NAME for c in init):
+        return None  # injected already (the webhook is re-invoked, or the pod re-submitted)
+    check_containers(spec)
     access_spec = access["spec"]
     allowed = (access_spec.get("workloads") or {}).get("serviceAccounts") or []
     service_account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -158,7 +175,6 @@ def inject(pod: dict[str, Any], access: dict[str, Any], *, image: str, revision:
     clash = sorted(n for n in names if n and n.startswith(VOLUME_PREFIX))
     if clash:
         raise InjectionError(f"the pod already has volumes named {clash}; the '{VOLUME_PREFIX}' prefix is reserved")
-    annotations = dict((pod.get("metadata") or {}).get("annotations") or {})
     url_env = annotations.get("dbguard.io/database-url-env", "DATABASE_URL")
     db = access_spec["database"]
     port = int((access_spec.get("proxy") or {}).get("port", 6432))

@@ -67,7 +67,7 @@ class PolicyReloader:
         loop = asyncio.get_running_loop()
         try:
             # Parsing and compiling take tens of milliseconds: keep them off the event loop.
-            policies, bundle, engine = await loop.run_in_executor(None, self._load)
+            policies, bundle, engine, masking = await loop.run_in_executor(None, self._load)
         except (ConfigError, PolicyEvaluationError) as exc:
             self.failures += 1
             self.last_error = str(exc)
@@ -80,9 +80,10 @@ class PolicyReloader:
         if bundle.revision == old:
             return False
         masking_changed = self._mask_rules(policies) != self._mask_rules(self.proxy.decider.bundle.policies)
+        # Everything of the new revision is built (and has failed, if it fails) before anything is swapped.
         self.proxy.decider.replace(bundle, engine)
         if masking_changed:
-            self._replace_masking(policies)
+            self._replace_masking(masking)
         self.reloads += 1
         self.last_error = ""
         log.info("policy revision %s -> %s in force", old, bundle.revision)
@@ -90,23 +91,21 @@ class PolicyReloader:
                                                   "policies": [p.name for p in policies]}, flush=True)
         return True
 
-    def _load(self) -> tuple[list[Any], Any, Any]:
+    def _load(self) -> tuple[list[Any], Any, Any, Any]:
         from dbguard.policy import spec
         from dbguard.session import app
 
         policies = spec.load_policies(list(self.paths))
         bundle, engine = app.build_engine(self.proxy.settings, policies)
-        return policies, bundle, engine
+        masking = app.build_masking(self.proxy.settings, policies)  # e.g. a hash rule without --masking-key fails here
+        return policies, bundle, engine, masking
 
     @staticmethod
     def _mask_rules(policies: Any) -> tuple:
         return tuple((p.name, p.masking) for p in policies)
 
-    def _replace_masking(self, policies: list[Any]) -> None:
-        from dbguard.session import app
-
+    def _replace_masking(self, new: Any) -> None:
         old = self.proxy.masking
-        new = app.build_masking(self.proxy.settings, policies)
         self.proxy.masking = new
         for session in list(self.proxy.sessions):
             principal = session.principal

@@ -828,14 +828,16 @@ class ClientSession(asyncio.Protocol):
                           now: datetime.datetime, sql: str = "") -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        if verdict.refusal is not None and self._approval_for(verdict) is not None:
-            verdict = await self._approve(verdict, sql, ())
-        if verdict.refusal is None and self.mask_set is not None:
+        held = verdict.refusal is not None and self._approval_for(verdict) is not None
+        if (held or verdict.refusal is None) and self.mask_set is not None:
+            # Before any approval is claimed: a statement masking refuses must not use one up.
             refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
             if refusal is not None:
                 self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(normalized), sync=True)
                 self._flush()
                 return
+        if held:
+            verdict = await self._approve(verdict, sql, ())
         future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
         await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
 
@@ -882,10 +884,16 @@ class ClientSession(asyncio.Protocol):
             return None
         return approval_decision(verdict.decisions)
 
-    async def _approve(self, verdict: Verdict, statement: str, params: tuple[str | None, ...]) -> Verdict:
+    async def _approve(self, verdict: Verdict, statement: str, params: tuple[str | None, ...], *,
+                       formats: tuple[int, ...] = (), types: tuple[int, ...] = ()) -> Verdict:
         """Resolve a held statement: run it under a claimed approval, or refuse naming the request."""
         decision = self._approval_for(verdict)
         assert decision is not None and self.principal is not None
+        # SQL-level EXECUTE runs a body prepared earlier: the request (and its fingerprint) must carry
+        # that body, or an approval of "EXECUTE p" would run whatever p means later.
+        bodies = [f.text for f in verdict.judged if f not in verdict.statements]
+        if bodies:
+            statement = "".join(f"/* dbguard: prepared earlier: {b} */\n" for b in bodies) + statement
         self._hold_cancel = asyncio.Event()
 
         def notice(text: str) -> None:
@@ -896,7 +904,8 @@ class ClientSession(asyncio.Protocol):
                 decision=decision, principal=self.principal, database=self.settings.upstream.database,
                 statement=statement, params=params, operation=verdict.judged[0].command if verdict.judged else "",
                 session_id=self.session_id, notice=notice, cancelled=self._hold_cancel,
-                closed=lambda: self.state in ("closed", "gone"))
+                closed=lambda: self.state in ("closed", "gone"), formats=formats, types=types,
+                estimable=len(verdict.statements) == 1 and not bodies)
         except LedgerUnavailable:
             self.proxy.stats.ledger_refusals += 1
             return dataclasses.replace(verdict, refusal=Refusal(
@@ -1069,20 +1078,23 @@ class ClientSession(asyncio.Protocol):
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        if verdict.refusal is not None and self._approval_for(verdict) is not None:
-            text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
-            verdict = await self._approve(verdict, text, params_as_text(msg.params, msg.param_formats,
-                                                                        self._param_types.get(msg.statement, ())))
-            if verdict.refusal is not None:
-                self._discard_until_sync = True
-        if verdict.refusal is None and self.mask_set is not None:
-            text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
-            refusal = await self._mask_check(text, portal=msg.portal)
+        held = verdict.refusal is not None and self._approval_for(verdict) is not None
+        text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
+        if (held or verdict.refusal is None) and self.mask_set is not None:
+            refusal = await self._mask_check(text, portal=msg.portal)  # before any approval is claimed
             if refusal is not None:
                 self._portals.pop(msg.portal, None)
                 self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
                 self._flush()
                 return
+        if held:
+            types = self._param_types.get(msg.statement, ())
+            formats = (msg.param_formats * len(msg.params) if len(msg.param_formats) == 1
+                       else msg.param_formats or (0,) * len(msg.params))
+            verdict = await self._approve(verdict, text, params_as_text(msg.params, msg.param_formats, types),
+                                          formats=tuple(formats), types=tuple(types[:len(msg.params)]))
+            if verdict.refusal is not None:
+                self._discard_until_sync = True
         await self._await_commit(self._emit_bind_decision(verdict, now),
                                  lambda failed: self._finish_bind(msg, verdict, failed))
 
