@@ -95,7 +95,16 @@ def test_reject_and_retry_runs_once_after_approval(pg: Postgres, retry_proxy: Pr
         assert balance(pg) == "110.00"
         wait_until(lambda: (store_doc(store, name)["status"].get("execution") or {}).get("rowsAffected") == 1,
                    timeout=10, what="the execution to be recorded on the request")
-        assert store_doc(store, name)["status"]["phase"] == "Executed"
+        status = store_doc(store, name)["status"]
+        assert status["phase"] == "Executed" and status["execution"]["ledgerEntry"] > 0
+        # The entry named on the request is the one that recorded the execution, in the verified chain.
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            (data,) = db.execute("SELECT data FROM entries WHERE seq = ?",
+                                 (status["execution"]["ledgerEntry"],)).fetchone()
+        recorded = json.loads(data)
+        assert recorded["kind"] == "approval" and recorded["event"] == "executing" and recorded["request"] == name
 
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as third:
             conn.execute(UPDATE)  # an approval runs once: this is a new request

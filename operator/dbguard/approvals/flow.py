@@ -82,6 +82,7 @@ class Approvals:
         self.notifier = notifier
         self.created = 0
         self.executed = 0
+        self._entries: dict[str, int] = {}  # request -> the ledger entry that recorded its execution
 
     async def resolve(self, *, decision: Decision, principal: Principal, database: str, statement: str,
                       params: tuple[str | None, ...], operation: str, session_id: str,
@@ -136,7 +137,8 @@ class Approvals:
                                                        "approvals": request.spec.get("approvals", [])},
                                   flush=True, durable=True)
         if waiter is not None:
-            await asyncio.wrap_future(waiter)  # recorded before it runs (LedgerUnavailable propagates)
+            # Recorded before it runs (LedgerUnavailable propagates); its sequence number goes on the request.
+            self._entries[request.name] = await asyncio.wrap_future(waiter)
         return Outcome(run=True, request=request.name, state="approved")
 
     async def _create(self, decision: Decision, principal: Principal, database: str, statement: str,
@@ -214,9 +216,11 @@ class Approvals:
 
     def finished(self, name: str, rows: int | None, error: str | None) -> None:
         """The claimed statement ran (or failed): record it on the request, in the background."""
+        entry = self._entries.pop(name, None)
+
         async def _finish() -> None:
             try:
-                await self.store.finish(name, rows=rows, error=error, ledger_entry=None)
+                await self.store.finish(name, rows=rows, error=error, ledger_entry=entry)
             except Exception:  # noqa: BLE001 - the ledger has it; the request's status is best effort
                 log.exception("could not record the execution on approval request %s", name)
 

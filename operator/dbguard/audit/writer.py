@@ -81,33 +81,35 @@ def index_fields(event: dict[str, Any]) -> tuple[str, str, str, str, int, str, s
 Waiter = concurrent.futures.Future | asyncio.Future
 
 
-def _resolve(futures: list[Waiter], result: int | None, error: BaseException | None) -> None:
-    """Settle the waiters of a batch: concurrent futures here, asyncio futures on their loop, once per loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-    here: list[Waiter] = []
-    for fut in futures:
+def _resolve(futures: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
+    """Settle the waiters of a batch, each with its own entry's sequence number (or all with the
+    error): concurrent futures here, asyncio futures on their loop, once per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiter, int | None]]] = {}
+    here: list[tuple[Waiter, int | None]] = []
+    for fut, seq in futures:
         if isinstance(fut, asyncio.Future):
-            by_loop.setdefault(fut.get_loop(), []).append(fut)
+            by_loop.setdefault(fut.get_loop(), []).append((fut, seq))
         else:
-            here.append(fut)
-    _settle(here, result, error)
+            here.append((fut, seq))
+    _settle(here, error)
     for loop, waiting in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, waiting, result, error)
+            loop.call_soon_threadsafe(_settle, waiting, error)
 
 
-def _settle(waiting: list[Waiter], result: int | None, error: BaseException | None) -> None:
-    for fut in waiting:
+def _settle(waiting: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
+    for fut, seq in waiting:
         if not fut.done():
             if error is not None:
                 fut.set_exception(error)
             else:
-                fut.set_result(result)
+                fut.set_result(seq)
 
 
-def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
     """What the chain stores, in order: each entry, except that consecutive reads of the same minute
-    become one block entry (``{"kind":"reads","time":..,"entries":[..]}``).
+    become one block entry (``{"kind":"reads","time":..,"entries":[..]}``). The third item is how
+    many pending appends the record holds (a block holds its run).
 
     A read costs the store a fraction of a row this way; search expands blocks and filters their
     reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
@@ -120,14 +122,14 @@ def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple
             run.append((data, event))
             continue
         if run:
-            yield _block(run)
+            yield *_block(run), len(run)
             run = []
         if block:
             run.append((data, event))
         else:
-            yield data, event
+            yield data, event, 1
     if run:
-        yield _block(run)
+        yield *_block(run), len(run)
 
 
 def _block(run: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, dict[str, Any]]:
@@ -250,9 +252,11 @@ class LedgerWriter:
         seq, prev = self._seq, self._prev
         entries: list[Entry] = []
         checkpoints: list[tuple[int, str, bytes]] = []
+        item_seqs: list[int] = []  # the entry each pending append landed in
         try:
-            for data, event in _records(pending):
+            for data, event, count in _records(pending):
                 seq += 1
+                item_seqs.extend([seq] * count)
                 h = ledger.entry_hash(prev, seq, self.chain, data)
                 entries.append(Entry(seq, prev, h, data, event))
                 if self._key is not None and seq % self._checkpoint_every == 0:
@@ -270,7 +274,7 @@ class LedgerWriter:
         except Exception as exc:  # noqa: BLE001 - disk full, locked, server gone: refuse what must be durable
             if entries and self._landed(seq, prev):
                 log.warning("ledger %s: the commit reported %s but landed; continuing", self.name, exc)
-                self._succeeded(pending, seq, prev, checkpoints)
+                self._succeeded(pending, seq, prev, checkpoints, item_seqs)
                 return
             self.failures += 1
             self.last_failed = True
@@ -282,14 +286,14 @@ class LedgerWriter:
                 log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
                 keep = keep[-RETRY_LIMIT:]
             self._retry = keep
-            _resolve([fut for _, fut, _ in pending if fut is not None], None, LedgerUnavailable(self.last_error))
+            _resolve([(fut, None) for _, fut, _ in pending if fut is not None], LedgerUnavailable(self.last_error))
             # A commit whose answer was lost may have landed: continue from what is stored. If the
             # store is still down, the next commit retries.
             with contextlib.suppress(Exception):
                 self._seq, self._prev, self._signed_seq = self.store.tail(self.chain)
             time.sleep(0.05)
             return
-        self._succeeded(pending, seq, prev, checkpoints)
+        self._succeeded(pending, seq, prev, checkpoints, item_seqs)
 
     def _landed(self, seq: int, prev: str) -> bool:
         """After an error: did the batch commit anyway (a connection lost during COMMIT)?"""
@@ -299,11 +303,12 @@ class LedgerWriter:
             return False
 
     def _succeeded(self, pending: list[tuple[bytes, Waiter | None, bool]], seq: int, prev: str,
-                   checkpoints: list[tuple[int, str, bytes]]) -> None:
+                   checkpoints: list[tuple[int, str, bytes]], item_seqs: list[int]) -> None:
         self._seq, self._prev = seq, prev
         self.last_failed = False
         if checkpoints:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []
         self.committed += len(pending)
-        _resolve([fut for _, fut, _ in pending if fut is not None], seq, None)
+        _resolve([(fut, item_seq) for (_, fut, _), item_seq in zip(pending, item_seqs, strict=True)
+                  if fut is not None], None)
