@@ -23,7 +23,8 @@ export GOTOOLCHAIN=local GOFLAGS=-modcacherw CGO_ENABLED=0 GOBIN=$BIN
 command -v go >/dev/null || { echo "build-test-tools: Go is needed to build $* (install golang)" >&2; exit 1; }
 
 build_opa() {
-  local stamp="opa=$OPA_VERSION $(go env GOVERSION)"
+  local stamp
+  stamp="opa=$OPA_VERSION $(go env GOVERSION)"
   if [[ -x $BIN/opa && -f $BIN/.opa.stamp && "$(cat "$BIN/.opa.stamp")" == "$stamp" ]]; then
     echo "opa $OPA_VERSION up to date in $BIN"; return
   fi
@@ -38,7 +39,8 @@ stamped() {  # stamped NAME STAMP: true when NAME was built with exactly STAMP
 }
 
 build_helm() {
-  local stamp="helm=$HELM_VERSION $(go env GOVERSION)"
+  local stamp
+  stamp="helm=$HELM_VERSION $(go env GOVERSION)"
   if stamped helm "$stamp" && [[ -x $BIN/helm ]]; then echo "helm $HELM_VERSION up to date"; return; fi
   echo "building helm $HELM_VERSION ..."
   go install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@v$HELM_VERSION"
@@ -47,7 +49,8 @@ build_helm() {
 }
 
 build_etcd() {
-  local stamp="etcd=$ETCD_VERSION $(go env GOVERSION)"
+  local stamp
+  stamp="etcd=$ETCD_VERSION $(go env GOVERSION)"
   if stamped etcd "$stamp" && [[ -x $BIN/etcd ]]; then echo "etcd $ETCD_VERSION up to date"; return; fi
   echo "building etcd $ETCD_VERSION (wrapper module) ..."
   local w=$TOOLS/work/etcd
@@ -60,7 +63,8 @@ build_etcd() {
 }
 
 build_k8s() {
-  local stamp="k8s=$K8S_VERSION $(go env GOVERSION)"
+  local stamp
+  stamp="k8s=$K8S_VERSION $(go env GOVERSION)"
   if stamped k8s "$stamp" && [[ -x $BIN/kube-apiserver && -x $BIN/kubectl ]]; then
     echo "kube-apiserver/kubectl $K8S_VERSION up to date"; return
   fi

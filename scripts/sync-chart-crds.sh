@@ -23,4 +23,5 @@ fi
 mkdir -p "$dst"
 rm -f "$dst"/*.yaml
 cp "$src"/*.yaml "$dst"/
-echo "copied $(ls "$src"/*.yaml | wc -l) CRDs into charts/dbguard/crds/"
+copied=("$dst"/*.yaml)
+echo "copied ${#copied[@]} CRDs into charts/dbguard/crds/"

@@ -8,6 +8,7 @@ import argparse
 import filecmp
 import json
 import pathlib
+import re
 import shlex
 import subprocess
 import urllib.request
@@ -20,6 +21,11 @@ from tests.fix_kube import tools_bin
 from tests.fix_postgres import free_port, wait_until
 
 CERT_MANAGER = ["--api-versions", "cert-manager.io/v1", *sets(webhook__certs__mode="certManager")]
+PROMETHEUS_OPERATOR = ["--api-versions", "monitoring.coreos.com/v1"]
+# The smallest gateway: a database, its credentials, a policy, a TLS Secret.
+GATEWAY = ["--set", "gateway.enabled=true", "--set", "gateway.database.host=db.shop.svc",
+           "--set", "gateway.database.name=shop", "--set", "gateway.database.credentialsSecret.name=shop-db",
+           "--set", "gateway.policies={shop-guardrails,pii-masking}", "--set", "gateway.tls.secretName=gateway-tls"]
 
 
 def operator_container(m: Manifests) -> dict:
@@ -101,7 +107,9 @@ def default(helm: Helm) -> Manifests:
     sets(opa__enabled="true", cleanupOnUninstall="false"),
     ["--set", "namespaces={shop,billing}", "--set", "ledger.secret.create=true", "--set", "ledger.url=postgresql://l/l",
      "--set", "ledger.namespaces={shop}"],
-], ids=["default", "opa", "namespaces+ledger"])
+    [*GATEWAY, *sets(gateway__namespace="shop", gateway__ledger__secret__name="dbguard-ledger",
+                     metrics__grafanaDashboard__enabled="true")],
+], ids=["default", "opa", "namespaces+ledger", "gateway+dashboard"])
 def test_chart_lints_strictly(helm: Helm, variant: list[str]) -> None:
     # (helm lint cannot be told about cert-manager or prometheus-operator APIs: those variants are
     # rendered below with --api-versions, and refused without them.)
@@ -120,8 +128,25 @@ def test_chart_lints_strictly(helm: Helm, variant: list[str]) -> None:
     (sets(ledger__secret__create="true", ledger__url="mysql://x"), "/ledger/url"),
     (sets(metrics__podMonitor__enabled="true"), "prometheus-operator"),
     (["--kube-version", "1.28.0"], "kubeVersion"),
+    (sets(metrics__serviceMonitor__enabled="true"), "prometheus-operator"),
+    (sets(metrics__operator__port="0"), "/metrics/operator/port"),
+    (sets(operator__podDisruptionBudget__maxUnavailable="lots"), "/operator/podDisruptionBudget/maxUnavailable"),
+    (sets(operator__podDisruptionBudget__minAvailable="1"), "set one of maxUnavailable and minAvailable"),
+    (sets(gateway__enabled="true"), "/gateway/database/host"),
+    (sets(gateway__enabled="true", gateway__database__host="db", gateway__database__name="shop",
+          gateway__database__credentialsSecret__name="s"), "/gateway/policies"),
+    ([*GATEWAY, *sets(gateway__tls__secretName="")], "gateway.tls.secretName"),
+    ([*GATEWAY, *sets(gateway__auth__mode="ldap")], "/gateway/auth/mode"),
+    ([*GATEWAY, *sets(gateway__auth__mode="oidc")], "gateway.auth.oidc.issuer"),
+    ([*GATEWAY, *sets(gateway__auth__mode="tokens")], "gateway.auth.tokens.secretName"),
+    ([*GATEWAY, *sets(gateway__database__sslMode="on")], "/gateway/database/sslMode"),
+    ([*GATEWAY, "--set", "gateway.policies={Shop_Policy}"], "/gateway/policies/0"),
+    ([*GATEWAY, "--set", "namespaces={shop}"], "is not governed"),
 ], ids=["unknown-key", "latest-tag", "latest-opa-tag", "cert-mode", "namespace-name", "no-cert-manager",
-        "ledger-no-url", "ledger-not-postgres", "no-prometheus-operator", "kube-1.28"])
+        "ledger-no-url", "ledger-not-postgres", "no-prometheus-operator", "kube-1.28", "service-monitor-no-crds",
+        "metrics-port", "pdb-budget", "pdb-both", "gateway-no-database", "gateway-no-policies", "gateway-no-tls",
+        "gateway-auth-mode", "gateway-oidc-no-issuer", "gateway-tokens-no-secret", "gateway-sslmode",
+        "gateway-policy-name", "gateway-ungoverned-namespace"])
 def test_bad_values_are_refused_with_a_reason(helm: Helm, args: list[str], message: str) -> None:
     r = helm.template(*args, check=False)
     assert r.returncode != 0 and message in r.stderr, r.stderr
@@ -162,6 +187,7 @@ def test_operator_runs_with_the_flags_the_chart_promises(default: Manifests) -> 
     assert args.operator_namespace == NAMESPACE
     assert args.webhook_service == f"{NAMESPACE}/dbguard-webhook:443"
     assert args.webhook_listen == ("0.0.0.0", 9443) and args.health_listen == ("0.0.0.0", 8080)
+    assert args.metrics_listen == ("0.0.0.0", 8081)
     assert args.webhook_config_name == "dbguard"
     assert args.proxy_image == container["image"]
     assert args.namespace == [] and args.cert_dir == "" and args.log_level == "INFO"
@@ -180,7 +206,7 @@ def test_operator_pod_is_restricted_and_probed(default: Manifests) -> None:
                                     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                                     "seccompProfile": {"type": "RuntimeDefault"}}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"webhook": 9443, "health": 8080}
+    assert ports == {"webhook": 9443, "health": 8080, "metrics": 8081}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
@@ -217,10 +243,10 @@ def test_scheduling_values_reach_the_pod(helm: Helm) -> None:
 
 
 def test_no_image_is_floating(helm: Helm) -> None:
-    m = helm.render(*sets(opa__enabled="true"))
+    m = helm.render(*sets(opa__enabled="true"), *GATEWAY)
     images = [c["image"] for d in m.docs if d["kind"] in ("Deployment", "Job")
               for c in d["spec"]["template"]["spec"]["containers"]]
-    assert len(images) == 3
+    assert len(images) == 4
     for image in images:
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
 
@@ -395,6 +421,11 @@ def test_notes_tell_the_next_steps(helm: Helm) -> None:
     for step in ("examples/policy.yaml", "examples/k8s/databaseaccess.yaml", "dbguard.io/access",
                  "kubectl -n NS patch approvalrequest", "kubectl apply --server-side -f"):
         assert step in notes, step
+    assert "gateway" not in notes
+    r = helm.run("install", "dbguard", str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *GATEWAY)
+    notes = r.stdout.split("NOTES:", 1)[1]
+    assert "PGPASSWORD=$(kubectl -n NS create token SA --audience dbguard) \\\n" in notes
+    assert 'host=dbguard-gateway.dbguard-system.svc port=5432 dbname=shop user=NS:SA sslmode=verify-full' in notes
 
 
 def test_values_schema_covers_every_default() -> None:
@@ -409,3 +440,207 @@ def test_values_schema_covers_every_default() -> None:
                 walk(sub, s["properties"][key], f"{path}.{key}")
 
     walk(values, schema, "")
+
+
+def test_every_value_is_documented_in_values_yaml() -> None:
+    """Line by line: each key the schema knows has a comment above it (or on its line) in values.yaml.
+    The children of Kubernetes objects passed through as they are (resources) are documented by their parent."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    undocumented = []
+    for i, line in enumerate(lines):
+        key = re.match(r"^(\s*)([A-Za-z_][\w.-]*):(\s|$)", line)
+        if not key or line.lstrip().startswith("#"):
+            continue
+        indent = len(key.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack] + [key.group(2)]
+        stack.append((indent, key.group(2)))
+        node: dict | None = schema
+        for part in path:
+            node = (node or {}).get("properties", {}).get(part) if node is not None else None
+        if node is None or "resources" in path[:-1]:
+            continue  # not a chart key (a default inside a free-form object)
+        commented = "#" in line.split(":", 1)[1] or (i > 0 and lines[i - 1].lstrip().startswith("#"))
+        if not commented:
+            undocumented.append(".".join(path))
+    assert not undocumented, f"values.yaml keys without a comment: {undocumented}"
+
+
+# -- disruption budgets, operator metrics -------------------------------------------------------------
+
+
+def test_operator_has_a_disruption_budget_that_never_blocks_a_drain(default: Manifests, helm: Helm) -> None:
+    pdb = default.one("PodDisruptionBudget", "dbguard-operator")
+    pod_labels = default.one("Deployment", "dbguard-operator")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # The cleanup Job's and OPA's pods are not the operator's.
+    m = helm.render(*sets(opa__enabled="true"))
+    for kind, name in (("Job", "dbguard-cleanup"), ("Deployment", "dbguard-opa")):
+        labels = m.one(kind, name)["spec"]["template"]["metadata"]["labels"]
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+    strict = helm.render("--set", "operator.podDisruptionBudget.maxUnavailable=null",
+                         "--set", "operator.podDisruptionBudget.minAvailable=1")
+    assert strict.one("PodDisruptionBudget", "dbguard-operator")["spec"]["minAvailable"] == 1
+    assert not helm.render(*sets(operator__podDisruptionBudget__enabled="false")).all("PodDisruptionBudget")
+
+
+def test_operator_metrics_service_reaches_the_metrics_port(default: Manifests, helm: Helm) -> None:
+    svc = default.one("Service", "dbguard-operator-metrics")
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = default.one("Deployment", "dbguard-operator")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    # The webhook Service is not a metrics target (the ServiceMonitor selects by the component label).
+    assert "app.kubernetes.io/component" not in default.one("Service", "dbguard-webhook")["metadata"]["labels"]
+    off = helm.render(*sets(metrics__operator__enabled="false"))
+    assert "dbguard-operator-metrics" not in off.names("Service")
+    container = operator_container(off)
+    assert parse_operator_args(container["args"]).metrics_listen is None
+    assert "metrics" not in {p["name"] for p in container["ports"]}
+
+
+def test_service_monitors_scrape_the_operator_and_the_gateway(helm: Helm, default: Manifests) -> None:
+    assert not default.all("ServiceMonitor")
+    m = helm.render(*sets(metrics__serviceMonitor__enabled="true", metrics__serviceMonitor__interval="15s",
+                          metrics__serviceMonitor__labels__release="prom"), *PROMETHEUS_OPERATOR,
+                    *GATEWAY, *sets(gateway__namespace="gateways"))
+    for name, svc_name, ns in (("dbguard-operator", "dbguard-operator-metrics", NAMESPACE),
+                               ("dbguard-gateway", "dbguard-gateway", "gateways")):
+        sm = m.one("ServiceMonitor", name, ns)
+        assert sm["metadata"]["labels"]["release"] == "prom"
+        svc = m.one("Service", svc_name, ns)
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        [endpoint] = sm["spec"]["endpoints"]
+        assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+        assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+    # Each selects its own Service only.
+    webhook = m.one("Service", "dbguard-webhook")
+    for sm in m.all("ServiceMonitor"):
+        assert not sm["spec"]["selector"]["matchLabels"].items() <= webhook["metadata"]["labels"].items()
+    # The PodMonitor (sidecars) stays separate and optional.
+    assert not m.all("PodMonitor")
+
+
+def test_grafana_dashboard_configmap_carries_the_dashboard_json(helm: Helm, default: Manifests) -> None:
+    assert "dbguard-dashboard" not in default.names("ConfigMap")
+    m = helm.render(*sets(metrics__grafanaDashboard__enabled="true"))
+    cm = m.one("ConfigMap", "dbguard-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["dbguard.json"]) == json.loads((CHART / "dashboards" / "dbguard.json").read_text())
+
+
+# -- the gateway --------------------------------------------------------------------------------------
+
+
+def parse_proxy_args(args: list[str]) -> argparse.Namespace:
+    """The rendered args, parsed by the proxy's own command line (a renamed flag fails here)."""
+    from dbguard.session import cli
+
+    assert args[0] == "proxy"
+    parser = argparse.ArgumentParser(prog="dbguard proxy", exit_on_error=False)
+    cli.add_arguments(parser)
+    parsed = parser.parse_args(args[1:])
+    cli.identity_settings(parsed)  # the identity flags fit together (raises ConfigError otherwise)
+    return parsed
+
+
+def gateway_container(m: Manifests, ns: str = NAMESPACE) -> dict:
+    [container] = m.one("Deployment", "dbguard-gateway", ns)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_gateway_is_off_by_default(default: Manifests) -> None:
+    for kind in ("Deployment", "Service", "ServiceAccount", "Role", "PodDisruptionBudget", "ClusterRoleBinding"):
+        assert not {n for n in default.names(kind) if "gateway" in n}, kind
+
+
+def test_gateway_runs_the_proxy_with_tokenreview_tls_policies_approvals_and_ledger(helm: Helm) -> None:
+    m = helm.render(*GATEWAY, *sets(gateway__ledger__secret__name="dbguard-ledger",
+                                    gateway__maskingKeySecret__name="masking", gateway__database__sslMode="verify-full",
+                                    gateway__database__caSecret__name="db-ca"))
+    c = gateway_container(m)
+    args = parse_proxy_args(c["args"])
+    assert args.listen == ("0.0.0.0", 6432) and args.metrics_listen == ("0.0.0.0", 9187)
+    assert args.upstream == ("postgresql://$(DBGUARD_DATABASE_USER)@db.shop.svc:5432/shop?sslmode=verify-full"
+                             "&sslrootcert=/var/run/dbguard/database-ca/ca.crt")
+    assert args.auth == "tokenreview" and args.token_audience == "dbguard"
+    assert (args.tls_cert, args.tls_key, args.require_tls) == (
+        "/var/run/dbguard/tls/tls.crt", "/var/run/dbguard/tls/tls.key", True)
+    assert args.policy == ["/etc/dbguard/policies/shop-guardrails/policy.yaml",
+                           "/etc/dbguard/policies/pii-masking/policy.yaml"]
+    assert args.approvals == f"kubernetes:{NAMESPACE}"
+    assert args.ledger == "env:DBGUARD_LEDGER_URL" and args.masking_key == "/var/run/dbguard/masking/key"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env == {"DBGUARD_DATABASE_USER": {"name": "shop-db", "key": "username"},
+                   "DBGUARD_LEDGER_URL": {"name": "dbguard-ledger", "key": "url"}}
+    # Every file the args name is on a mounted volume, and the policies are directories (never subPath:
+    # a subPath mount would never see a new revision).
+    mounts = {v["mountPath"]: v for v in c["volumeMounts"]}
+    for path in (args.upstream_password_file, args.tls_cert, args.tls_key, args.masking_key, *args.policy,
+                 "/var/run/dbguard/database-ca/ca.crt"):
+        assert pathlib.PurePosixPath(path).parent.as_posix() in mounts, path
+    assert not any("subPath" in v for v in c["volumeMounts"])
+    spec = m.one("Deployment", "dbguard-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["policy-shop-guardrails"]["configMap"]["name"] == "dbguard-policy-shop-guardrails"
+    assert volumes["database"]["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert volumes["tls"]["secret"]["secretName"] == "gateway-tls"
+    # Restricted like the operator, with its own ServiceAccount.
+    assert spec["serviceAccountName"] == "dbguard-gateway" and spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # The Service: PostgreSQL and metrics, to the gateway's pods only.
+    svc = m.one("Service", "dbguard-gateway")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+        ("postgres", 5432, "postgres"), ("metrics", 9187, "metrics")]
+    pod_labels = m.one("Deployment", "dbguard-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    operator_labels = m.one("Deployment", "dbguard-operator")["spec"]["template"]["metadata"]["labels"]
+    assert not svc["spec"]["selector"].items() <= operator_labels.items()
+    pdb = m.one("PodDisruptionBudget", "dbguard-gateway")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert m.one("Deployment", "dbguard-gateway")["spec"]["replicas"] == 2
+
+
+def test_gateway_rbac_is_tokenreview_and_approval_requests_in_its_namespace(helm: Helm) -> None:
+    m = helm.render(*GATEWAY, *sets(gateway__namespace="gateways"))
+    role = m.one("Role", "dbguard-gateway", "gateways")
+    assert rule_set(role["rules"]) == {
+        *{("dbguard.io", "approvalrequests", v, "*") for v in ("create", "get", "list", "watch")},
+        *{("dbguard.io", "approvalrequests/status", v, "*") for v in ("get", "update", "patch")}}
+    subject = {"kind": "ServiceAccount", "name": "dbguard-gateway", "namespace": "gateways"}
+    assert m.one("RoleBinding", "dbguard-gateway", "gateways")["subjects"] == [subject]
+    crb = m.one("ClusterRoleBinding", "dbguard-gateway-tokenreview")
+    assert crb["roleRef"]["name"] == "dbguard-tokenreview" and crb["subjects"] == [subject]
+    assert m.one("ServiceAccount", "dbguard-gateway", "gateways")
+    assert parse_proxy_args(gateway_container(m, "gateways")["args"]).approvals == "kubernetes:gateways"
+    # No approvals, no Role; no TokenReview, no binding.
+    m = helm.render(*GATEWAY, *sets(gateway__approvals="false", gateway__auth__mode="oidc",
+                                    gateway__auth__oidc__issuer="https://idp.example.com",
+                                    gateway__auth__oidc__audience="dbguard"))
+    assert "dbguard-gateway" not in m.names("Role")
+    assert "dbguard-gateway-tokenreview" not in m.names("ClusterRoleBinding")
+    assert not parse_proxy_args(gateway_container(m)["args"]).approvals
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (sets(gateway__auth__mode="oidc", gateway__auth__oidc__issuer="https://idp.example.com",
+          gateway__auth__oidc__audience="dbguard", gateway__auth__oidc__usernameClaim="email",
+          gateway__auth__oidc__usernamePrefix="oidc:"),
+     {"auth": "oidc", "oidc_issuer": "https://idp.example.com", "oidc_audience": "dbguard",
+      "oidc_username_claim": "email", "oidc_groups_claim": "groups", "oidc_username_prefix": "oidc:"}),
+    (sets(gateway__auth__mode="tokens", gateway__auth__tokens__secretName="gateway-tokens"),
+     {"tokens": "/etc/dbguard/tokens/tokens.yaml", "auth": None}),
+    (sets(gateway__tls__secretName="", gateway__tls__insecurePlaintext="true"),
+     {"tls_cert": None, "require_tls": False}),
+    (["--set", "gateway.extraArgs={--policy-timeout,0.5}"], {"policy_timeout": 0.5}),
+], ids=["oidc", "tokens", "plaintext", "extra-args"])
+def test_gateway_identity_and_tls_variants(helm: Helm, values: list[str], expected: dict) -> None:
+    args = parse_proxy_args(gateway_container(helm.render(*GATEWAY, *values))["args"])
+    for key, value in expected.items():
+        assert getattr(args, key) == value, key

@@ -364,6 +364,29 @@ def test_operator_as_its_service_account_guards_approvals(sa_operator: ServiceAc
     sa_operator.assert_never_refused()
 
 
+def test_pods_that_do_not_ask_and_opted_out_namespaces_are_left_alone(sa_operator: ServiceAccountOperator) -> None:
+    """The webhook's selectors as the operator registers them: an unlabelled pod, and a labelled pod in a
+    namespace labelled dbguard.io/injection=disabled, are created untouched (the API server never even
+    calls the webhook: there is no DatabaseAccess for them, which would otherwise refuse them)."""
+    plane, ns = sa_operator.release.plane, sa_operator.release.governed
+
+    def pod(name: str, labelled: bool) -> str:
+        meta: dict = {"name": name, **({"labels": {"dbguard.io/access": "shop-api"}} if labelled else {})}
+        return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                               "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}})
+
+    plane.kubectl("-n", ns, "create", "-f", "-", input=pod("plain", labelled=False))
+    assert not get(plane, "pod", ns, "plain")["spec"].get("initContainers")
+    opted_out = plane.namespace("optout")
+    plane.kubectl("label", "namespace", opted_out, "dbguard.io/injection=disabled")
+    plane.kubectl("-n", opted_out, "create", "-f", "-", input=pod("app", labelled=True))
+    assert not get(plane, "pod", opted_out, "app")["spec"].get("initContainers")
+    # ... while the same labelled pod in a governed namespace asks the webhook (and is refused: no access).
+    refused = plane.kubectl("-n", ns, "create", "-f", "-", input=pod("app", labelled=True), check=False)
+    assert refused.returncode != 0 and "shop-api" in refused.stderr, refused.stderr
+    sa_operator.assert_never_refused()
+
+
 def test_helm_upgrade_keeps_the_release_working(release: Release, sa_operator: ServiceAccountOperator) -> None:
     release.helm_run("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "operator.logLevel=DEBUG")
     status = json.loads(release.helm_run("status", RELEASE, "-o", "json").stdout)

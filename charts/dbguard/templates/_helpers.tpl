@@ -85,3 +85,34 @@ app.kubernetes.io/part-of: dbguard
 {{- define "dbguard.tokenReviewRole" -}}
 dbguard-tokenreview
 {{- end }}
+
+{{/* The shared gateway (gateway.enabled): its name, namespace and image. */}}
+{{- define "dbguard.gatewayName" -}}
+{{- printf "%s-gateway" (include "dbguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "dbguard.gatewayNamespace" -}}
+{{- default .Release.Namespace .Values.gateway.namespace }}
+{{- end }}
+
+{{- define "dbguard.gatewayImage" -}}
+{{- default (include "dbguard.proxyImage" .) .Values.gateway.image }}
+{{- end }}
+
+{{/* A PodDisruptionBudget's budget: exactly one of maxUnavailable and minAvailable.
+     Called with (list VALUES "values.path"). */}}
+{{- define "dbguard.disruptionBudget" -}}
+{{- $pdb := index . 0 }}
+{{- $path := index . 1 }}
+{{- $max := hasKey $pdb "maxUnavailable" }}
+{{- $min := hasKey $pdb "minAvailable" }}
+{{- if and $max $min }}
+{{- fail (printf "%s: set one of maxUnavailable and minAvailable (--set %s.maxUnavailable=null to use minAvailable)" $path $path) }}
+{{- else if $max }}
+maxUnavailable: {{ $pdb.maxUnavailable | toYaml }}
+{{- else if $min }}
+minAvailable: {{ $pdb.minAvailable | toYaml }}
+{{- else }}
+{{- fail (printf "%s: set maxUnavailable or minAvailable" $path) }}
+{{- end }}
+{{- end }}

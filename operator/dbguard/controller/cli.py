@@ -19,7 +19,8 @@ NAME-webhook-tls of --operator-namespace), or one given in --cert-dir (cert-mana
 
 examples:
   # in a cluster (what the Helm chart runs)
-  dbguard operator --operator-namespace dbguard-system --webhook-service dbguard-system/dbguard-webhook:443
+  dbguard operator --operator-namespace dbguard-system --webhook-service dbguard-system/dbguard-webhook:443 \\
+      --health-listen 0.0.0.0:8080 --metrics-listen 0.0.0.0:8081
   # on a laptop against a cluster whose API server can reach this machine
   dbguard operator --webhook-listen 127.0.0.1:9443 --webhook-url-host 127.0.0.1 --namespace shop
 """
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve tls.crt, tls.key and ca.crt from DIR (e.g. cert-manager) instead of making them")
     p.add_argument("--health-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="serve kopf's liveness probe on http://HOST:PORT/healthz (default: off)")
+    p.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics: reconciliations, webhook "
+                        "reviews and their latency, approval phases (default: off)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -72,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     cfg.webhook_config_name = args.webhook_config_name
     cfg.operator_namespace = args.operator_namespace
     cfg.cert_dir = args.cert_dir
-    from dbguard.controller import handlers  # noqa: F401 - registers the handlers with kopf
+    from dbguard.controller import handlers, metrics  # noqa: F401 - importing handlers registers them with kopf
+
+    if args.metrics_listen:
+        metrics.serve(*args.metrics_listen)
 
     liveness = f"http://{args.health_listen[0]}:{args.health_listen[1]}/healthz" if args.health_listen else None
     kopf.run(standalone=True, clusterwide=not cfg.namespaces, namespaces=list(cfg.namespaces),

@@ -8,6 +8,7 @@ resume handlers reconcile whatever changed while the operator was down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -21,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dbguard.approvals import decisions as approvals
 from dbguard.controller import access as access_mod
-from dbguard.controller import certs, inject, policies, webhook_config
+from dbguard.controller import certs, inject, metrics, policies, webhook_config
 from dbguard.controller.conditions import set_condition
 from dbguard.controller.kube import get_or_none
 from dbguard.controller.settings import ACCESS_LABEL, GROUP, VERSION
@@ -118,7 +119,17 @@ async def start_certificate_renewal(**_: Any) -> None:
             except Exception:  # noqa: BLE001 - try again at the next check
                 log.exception("webhook certificate renewal failed")
 
-    asyncio.get_running_loop().create_task(renew_forever())
+    _tls_state["renewal"] = asyncio.get_running_loop().create_task(renew_forever())
+
+
+@kopf.on.cleanup()
+async def stop_certificate_renewal(**_: Any) -> None:
+    """Stop the renewal loop with the operator: kopf would wait 5 s for it as a hung task before exiting."""
+    task = _tls_state.pop("renewal", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def renew_once() -> bool:
@@ -141,6 +152,7 @@ def renew_once() -> bool:
 @kopf.on.resume(GROUP, VERSION, "guardrailpolicies")
 @kopf.on.create(GROUP, VERSION, "guardrailpolicies")
 @kopf.on.update(GROUP, VERSION, "guardrailpolicies", field="spec")
+@metrics.reconciles("GuardrailPolicy")
 def reconcile_policy(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **_: Any) -> None:
     policies.reconcile(dict(body), patch, api())
     # The accesses that use the policy see the new revision (or that it broke) now, not at their timer.
@@ -154,6 +166,7 @@ def reconcile_policy(body: kopf.Body, patch: kopf.Patch, namespace: str, name: s
 @kopf.on.resume(GROUP, VERSION, "databaseaccesses")
 @kopf.on.create(GROUP, VERSION, "databaseaccesses")
 @kopf.on.update(GROUP, VERSION, "databaseaccesses", field="spec")
+@metrics.reconciles("DatabaseAccess")
 def reconcile_access(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     access_mod.ensure_tokenreview_binding(api(), dict(body))
     access_mod.ensure_requester_rbac(api(), dict(body))
@@ -167,6 +180,7 @@ def refresh_access(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, "databaseaccesses")
+@metrics.reconciles("DatabaseAccess")
 def release_access(namespace: str, name: str, **_: Any) -> None:
     access_mod.delete_tokenreview_binding(api(), namespace, name)
 
@@ -175,6 +189,7 @@ def release_access(namespace: str, name: str, **_: Any) -> None:
 
 
 @kopf.on.mutate("", "v1", "pods", id=webhook_config.INJECT, operations=["CREATE"], labels={ACCESS_LABEL: kopf.PRESENT})
+@metrics.admits(webhook_config.INJECT)
 def inject_sidecar(body: kopf.Body, patch: kopf.Patch, dryrun: bool, warnings: list[str], **_: Any) -> None:
     pod = dict(body)
     meta = pod.get("metadata") or {}
@@ -207,6 +222,7 @@ def inject_sidecar(body: kopf.Body, patch: kopf.Patch, dryrun: bool, warnings: l
 
 
 @kopf.on.mutate(GROUP, VERSION, "approvalrequests", id=webhook_config.STAMP, operations=["UPDATE"])
+@metrics.admits(webhook_config.STAMP)
 def stamp_approval(old: kopf.Body | None, new: kopf.Body, userinfo: dict[str, Any], patch: kopf.Patch,
                    **_: Any) -> None:
     spec = approvals.stamp(dict(old) if old is not None else None, dict(new), userinfo,
@@ -221,6 +237,7 @@ def stamp_approval(old: kopf.Body | None, new: kopf.Body, userinfo: dict[str, An
 
 
 @kopf.on.validate(GROUP, VERSION, "approvalrequests", id=webhook_config.GUARD)
+@metrics.admits(webhook_config.GUARD)
 def guard_approval(old: kopf.Body | None, new: kopf.Body, userinfo: dict[str, Any], **_: Any) -> None:
     try:
         approvals.check(dict(old) if old is not None else None, dict(new), userinfo,
@@ -249,10 +266,12 @@ def _approval_status(body: kopf.Body, now: datetime.datetime) -> dict[str, Any] 
 @kopf.on.resume(GROUP, VERSION, "approvalrequests")
 @kopf.on.create(GROUP, VERSION, "approvalrequests")
 @kopf.on.update(GROUP, VERSION, "approvalrequests", field="spec")
+@metrics.reconciles("ApprovalRequest")
 def reconcile_approval(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     new = _approval_status(body, datetime.datetime.now(datetime.UTC))
     if new is not None:
         patch.status.update(new)
+        metrics.approval_phase(new["phase"])
 
 
 @kopf.daemon(GROUP, VERSION, "approvalrequests", cancellation_timeout=5,
@@ -267,7 +286,7 @@ async def expire_approval(body: kopf.Body, namespace: str, name: str, stopped: k
         delay = (approvals.parse_time(expires) - datetime.datetime.now(datetime.UTC)).total_seconds()
         if delay <= 0:
             break
-        await asyncio.sleep(min(delay + 0.05, 60))
+        await stopped.wait(min(delay + 0.05, 60))  # wakes at once when the operator stops
     if stopped:
         return
     custom = client.CustomObjectsApi(api())
@@ -279,3 +298,4 @@ async def expire_approval(body: kopf.Body, namespace: str, name: str, stopped: k
     if new is not None:
         await asyncio.to_thread(custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
                                 "approvalrequests", name, {"status": new})
+        metrics.approval_phase(new["phase"])
