@@ -299,7 +299,8 @@ def test_operator_as_its_service_account_keeps_its_certificate_and_webhooks(
     tls = json.loads(plane.kubectl("-n", NAMESPACE, "get", "secret", "dbguard-webhook-tls", "-o", "json").stdout)
     assert {"ca.crt", "tls.crt", "tls.key"} <= tls["data"].keys()
     validating = json.loads(plane.kubectl("get", "validatingwebhookconfiguration", "dbguard", "-o", "json").stdout)
-    assert [w["name"] for w in validating["webhooks"]] == ["guard-approval.dbguard.io"]
+    assert [w["name"] for w in validating["webhooks"]] == ["guard-approval.dbguard.io",
+                                                            "guard-ephemeral-containers.dbguard.io"]
     # Restarting re-reads the Secret and replaces the configurations: get and update, not only create.
     sa_operator.stop()
     sa_operator.start()

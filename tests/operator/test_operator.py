@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 
 import pytest
 import yaml
@@ -252,3 +253,19 @@ def test_the_app_cannot_reach_the_sidecars_credentials_or_pose_as_it(op: Operato
                                                                        containers: list, message: str) -> None:
     r = op.kube.kubectl("-n", ready_access, "create", "-f", "-", input=_pod_with("sneak", containers), check=False)
     assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def test_ephemeral_containers_cannot_mount_the_sidecars_credentials(op: Operator, ready_access: str) -> None:
+    kube, ns = op.kube, ready_access
+    kube.kubectl("-n", ns, "create", "-f", "-", input=pod_doc("api-9", "shop-api", service_account="api"))
+    pod = op.get("pod", ns, "api-9")
+
+    def add(name: str, mounts: list[dict]) -> subprocess.CompletedProcess:
+        body = {**pod, "spec": {**pod["spec"], "ephemeralContainers": [
+            {"name": name, "image": "busybox", "volumeMounts": mounts}]}}
+        return kube.kubectl("replace", "--raw", f"/api/v1/namespaces/{ns}/pods/api-9/ephemeralcontainers",
+                            "-f", "-", input=json.dumps(body), check=False)
+
+    sneak = add("debug", [{"name": "dbguard-database", "mountPath": "/creds"}])
+    assert sneak.returncode != 0 and "are the sidecar's alone" in sneak.stderr, sneak.stderr
+    assert add("debug", []).returncode == 0  # debugging without the credentials is the cluster's business

@@ -236,6 +236,16 @@ def stamp_approval(old: kopf.Body | None, new: kopf.Body, userinfo: dict[str, An
                 patch.spec[key] = None
 
 
+@kopf.on.validate("", "v1", "pods", id=webhook_config.EPHEMERAL, subresource="ephemeralcontainers",
+                  operations=["UPDATE"], labels={ACCESS_LABEL: kopf.PRESENT})
+@metrics.admits(webhook_config.EPHEMERAL)
+def guard_ephemeral_containers(new: kopf.Body, **_: Any) -> None:
+    try:
+        inject.check_containers(dict(new.get("spec") or {}), "ephemeralContainers")
+    except inject.InjectionError as exc:
+        raise kopf.AdmissionError(f"dbguard: {exc}", code=403) from exc
+
+
 @kopf.on.validate(GROUP, VERSION, "approvalrequests", id=webhook_config.GUARD)
 @metrics.admits(webhook_config.GUARD)
 def guard_approval(old: kopf.Body | None, new: kopf.Body, userinfo: dict[str, Any], **_: Any) -> None:

@@ -29,6 +29,7 @@ from dbguard.controller.settings import ACCESS_LABEL, GROUP, VERSION, OperatorSe
 INJECT = "inject-sidecar"
 STAMP = "stamp-approval"
 GUARD = "guard-approval"
+EPHEMERAL = "guard-ephemeral-containers"
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
@@ -86,6 +87,13 @@ def build(cfg: OperatorSettings, ca_pem: bytes) -> tuple[dict[str, Any], dict[st
         "webhooks": [
             {**common, "name": f"{GUARD}.{GROUP}", "clientConfig": _client_config(cfg, GUARD, ca_pem),
              "rules": [approval_rule], "namespaceSelector": _approval_namespaces(cfg)},
+            # kubectl debug adds ephemeral containers to a running pod: they may not mount the sidecar's
+            # credentials either. Same scope as injection: only pods that carry the access label.
+            {**common, "name": f"{EPHEMERAL}.{GROUP}", "clientConfig": _client_config(cfg, EPHEMERAL, ca_pem),
+             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods/ephemeralcontainers"],
+                        "operations": ["UPDATE"], "scope": "Namespaced"}],
+             "objectSelector": {"matchExpressions": [{"key": ACCESS_LABEL, "operator": "Exists"}]},
+             "namespaceSelector": _namespace_selector(cfg)},
         ],
     }
     return mutating, validating
