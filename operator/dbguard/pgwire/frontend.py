@@ -287,7 +287,9 @@ def _decode_typed(type_code: bytes, raw: bytes) -> m.FrontendMessage:
         r.end()
         return m.CopyDone(raw=raw)
     if t == "f":
-        return m.CopyFail(raw=raw, message=r.cstring())
+        message = r.cstring()
+        r.end()  # trailing bytes after the message are malformed, as for every other type (found by fuzzing)
+        return m.CopyFail(raw=raw, message=message)
     if t == "F":
         return m.FunctionCall(raw=raw)
     return m.UnknownMessage(raw=raw, type_code=t)

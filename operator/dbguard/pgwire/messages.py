@@ -246,13 +246,19 @@ def encode_terminate() -> bytes:
 
 
 def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:
-    """Fields of an ErrorResponse/NoticeResponse payload, keyed by their one-letter code."""
+    """Fields of an ErrorResponse/NoticeResponse payload, keyed by their one-letter code.
+
+    Never raises: a field without its terminating NUL runs to the end of the payload (found by
+    fuzzing: the relay decodes the server's errors, and a malformed one must not break the session).
+    """
     fields: dict[str, str] = {}
     data = bytes(payload)
     pos = 0
     while pos < len(data) and data[pos] != 0:
         code = chr(data[pos])
-        end = data.index(b"\x00", pos + 1)
+        end = data.find(b"\x00", pos + 1)
+        if end < 0:
+            end = len(data)
         fields[code] = data[pos + 1 : end].decode("utf-8", "replace")
         pos = end + 1
     return fields
