@@ -3,12 +3,10 @@
 Fixed in pgwire (found by the pgwire fuzzer; the crashing inputs are in fuzz/regressions/pgwire/):
   * decode_error_fields raised ValueError on a field without its NUL (the relay decodes server errors);
   * a CopyFail with bytes after its message was accepted, unlike every other message type.
-Open, in analyze/ and session/ (strict xfail: they start to fail the day the bug is fixed, so the
-marker is removed with the fix):
-  * analyze raises RecursionError, not AnalysisError, for deeply nested SQL that PostgreSQL runs; through
-    the proxy the client's connection is dropped without an ErrorResponse (and a traceback per statement
-    fills the log);
-  * psycopg's server-side cursors fail: dbguard refuses Describe of a portal made by SQL DECLARE.
+Fixed in analyze/ and session/ (found by probing by hand):
+  * analyze raised RecursionError, not AnalysisError, for deeply nested SQL that PostgreSQL runs; through
+    the proxy the client's connection was dropped without an ErrorResponse; now refused with 54001;
+  * psycopg's server-side cursors failed: dbguard refused Describe of a portal made by SQL DECLARE.
 """
 
 from __future__ import annotations
@@ -62,19 +60,12 @@ NESTED = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "analyze/pgparse.py walks the parse tree recursively (_walk, _visit_*) without a depth bound or a "
-    "RecursionError guard: deeply nested SQL raises RecursionError instead of the documented AnalysisError"))
 @pytest.mark.parametrize("sql", NESTED.values(), ids=NESTED.keys())
 def test_deeply_nested_sql_is_refused_with_an_analysis_error_not_a_recursion_error(sql: str):
     with contextlib.suppress(analyze.AnalysisError):  # refusing it (54001, 42601) is fine; so is analyzing it
         analyze.analyze(sql)
 
 
-@pytest.mark.xfail(strict=True, raises=ConnectionError, reason=(
-    "session: the RecursionError from analyze escapes ClientSession._on_query/_on_parse (only AnalysisError "
-    "is caught), so asyncio drops the client's transport: no ErrorResponse, no refusal in the ledger, and "
-    "'Fatal error on transport' with a 1000-frame traceback in the proxy log per statement"))
 @pytest.mark.parametrize("extended", [False, True], ids=["Query", "Parse"])
 def test_deeply_nested_statement_gets_an_error_and_the_connection_survives(pg: Postgres, proxy: Proxy,
                                                                            extended: bool):
@@ -90,10 +81,6 @@ def test_deeply_nested_statement_gets_an_error_and_the_connection_survives(pg: P
     assert [t for t, _ in c.until_ready()] == ["T", "D", "C", "Z"]
 
 
-@pytest.mark.xfail(strict=True, raises=psycopg.errors.InvalidCursorName, reason=(
-    "session: psycopg's ServerCursor sends DECLARE by Query, then Describe('P', name) for the SQL cursor; "
-    "ClientSession._on_describe only knows protocol-level portals and refuses it (34000), so named "
-    "(server-side) cursors, e.g. Django's QuerySet.iterator() on psycopg 3, do not work through dbguard"))
 def test_psycopg_server_side_cursor_works_through_the_proxy(proxy: Proxy):
     with psycopg.connect(proxy.dsn()) as conn, conn.cursor(name="hostile_cur") as cur:
         cur.execute("SELECT id FROM customers ORDER BY id")

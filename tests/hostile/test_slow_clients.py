@@ -158,10 +158,6 @@ def test_a_client_that_stops_reading_holds_the_server_back_instead_of_filling_pr
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read socket timers")
-@pytest.mark.xfail(strict=True, reason=(
-    "no idle handling after login: the proxy sets neither SO_KEEPALIVE nor an idle timeout on client "
-    "sockets, so a half-open client (peer vanished without FIN/RST) keeps its session and its server "
-    "connection until the kernel's retransmission timeout, or forever if nothing is ever sent"))
 def test_logged_in_client_connections_have_tcp_keepalive(slow_proxy: Proxy):
     c = wire.Client(slow_proxy.port)
     c.login()

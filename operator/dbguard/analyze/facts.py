@@ -106,6 +106,7 @@ class StatementFacts:
     prepared_name: str = ""  # PREPARE name / EXECUTE name / DEALLOCATE name ("" when none)
     fingerprint: str = ""  # libpg_query fingerprint (literal-independent) for grouping in the ledger
     cacheable: bool = False  # True when these facts do not depend on literal values (safe to reuse by normalized text)
+    cursor_name: str = ""  # DECLARE / CLOSE name ("" for CLOSE ALL): lets protocol Describe reach SQL cursors
 
     def to_dict(self) -> dict[str, Any]:
         return {

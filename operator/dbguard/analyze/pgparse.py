@@ -161,11 +161,15 @@ def analyze(sql: str) -> tuple[StatementFacts, ...]:
         raise AnalysisError(f"cannot parse statement: {exc}", sqlstate="42601") from exc
     encoded = sql.encode("utf-8")  # libpg_query reports byte offsets
     facts: list[StatementFacts] = []
-    for raw in raw_statements:
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
-        text = encoded[start:end].decode("utf-8", "replace").strip()
-        facts.append(_statement_facts(raw.stmt, text))
+    try:
+        for raw in raw_statements:
+            start = raw.stmt_location or 0
+            end = start + raw.stmt_len if raw.stmt_len else len(encoded)
+            text = encoded[start:end].decode("utf-8", "replace").strip()
+            facts.append(_statement_facts(raw.stmt, text))
+    except RecursionError as exc:
+        # The walk recurses with the tree; PostgreSQL nests deeper than Python's stack allows.
+        raise AnalysisError("the statement is nested too deeply for dbguard to judge", sqlstate="54001") from exc
     return tuple(facts)
 
 
@@ -183,6 +187,7 @@ def _statement_facts(stmt: ast.Node, text: str) -> StatementFacts:
         prepared_name = c.executed  # EXECUTE p, also inside CREATE TABLE AS / EXPLAIN
     elif kind == "DeallocateStmt":
         prepared_name = "" if getattr(stmt, "isall", False) else (stmt.name or "")
+    cursor_name = (stmt.portalname or "") if kind in ("DeclareCursorStmt", "ClosePortalStmt") else ""
     try:
         fingerprint = pgparser.fingerprint(text) if text else ""
     except Exception:  # noqa: BLE001 - a fingerprint is informative, never decisive
@@ -192,7 +197,7 @@ def _statement_facts(stmt: ast.Node, text: str) -> StatementFacts:
     return StatementFacts(
         text=text, kind=kind, command=command, actions=tuple(c.actions), functions=tuple(dict.fromkeys(c.functions)),
         settings=tuple(c.settings), flags=tuple(sorted(c.flags, key=lambda f: f.value)),
-        prepared_name=prepared_name, fingerprint=fingerprint, cacheable=cacheable,
+        prepared_name=prepared_name, fingerprint=fingerprint, cacheable=cacheable, cursor_name=cursor_name,
     )
 
 

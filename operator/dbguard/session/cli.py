@@ -219,7 +219,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
                 password = fh.read().strip()
         except OSError as exc:
             raise ConfigError(f"--upstream-password-file: {exc.strerror}") from exc
-    elif os.environ.get("DBGUARD_UPSTREAM_PASSWORD"):
+    elif os.environ.get("DBGUARD_UPSTREAM_PASSWORD") and not urllib.parse.urlsplit(args.upstream).password:
+        # As libpq does with PGPASSWORD: a password written in the URL itself wins over the environment.
         password = os.environ["DBGUARD_UPSTREAM_PASSWORD"]
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")

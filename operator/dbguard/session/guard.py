@@ -163,6 +163,9 @@ class Guard:
         self.principal = principal
         self.session = session  # the policy input's "session" object; change it through update()
         self.sql_prepared: dict[str, tuple[F.StatementFacts, ...]] = {}
+        # SQL cursors (DECLARE) are portals too: drivers Describe them by protocol (psycopg server cursors).
+        # A name kept after its transaction ended only lets the server answer "does not exist".
+        self.sql_cursors: set[str] = set()
 
     def update(self, **changes: Any) -> None:
         """Keep the session fields the policy sees current (protocol, in_transaction)."""
@@ -207,6 +210,14 @@ class Guard:
                     self.sql_prepared.clear()
             elif f.kind == "DiscardStmt":
                 self.sql_prepared.clear()
+                self.sql_cursors.clear()
+            elif f.kind == "DeclareCursorStmt" and f.cursor_name:
+                self.sql_cursors.add(f.cursor_name)
+            elif f.kind == "ClosePortalStmt":
+                if f.cursor_name:
+                    self.sql_cursors.discard(f.cursor_name)
+                else:
+                    self.sql_cursors.clear()
 
     # -- decisions -----------------------------------------------------------------------------
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import logging
 import secrets
+import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -60,6 +62,19 @@ _SHAPE_MEMO: dict[tuple, tuple] = {}  # (id(facts), id(decisions)...) -> (facts,
 FORWARDED_PARAMS = frozenset({"application_name", "client_encoding", "DateStyle", "TimeZone",
                               "extra_float_digits", "IntervalStyle", "datestyle", "timezone"})
 IGNORED_PARAMS = frozenset({"user", "database"})
+
+
+def _keepalive(sock: Any) -> None:
+    """TCP keepalive on a client socket: a client that vanished without closing (a half-open
+    connection) is noticed after about two minutes of silence, and its session and server
+    connection are released, instead of being held until the server or the kernel gives up."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class ClientSession(asyncio.Protocol):
@@ -126,6 +141,7 @@ class ClientSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        _keepalive(transport.get_extra_info("socket"))
         self._login_timer = asyncio.get_running_loop().call_later(self.settings.limits.login_timeout, self._login_timeout)
         self.proxy.sessions.add(self)
 
@@ -758,7 +774,8 @@ class ClientSession(asyncio.Protocol):
     def _on_describe(self, msg: m.Describe) -> None:
         self._in_batch = True
         known = self._statements if msg.kind == "S" else self._portals
-        if msg.name not in known:
+        sql_cursor = msg.kind == "P" and self.guard is not None and msg.name in self.guard.sql_cursors
+        if msg.name not in known and not sql_cursor:
             state = SqlState.INVALID_SQL_STATEMENT_NAME if msg.kind == "S" else SqlState.INVALID_CURSOR_NAME
             what = "prepared statement" if msg.kind == "S" else "portal"
             return self._refuse_protocol(state, f"dbguard refused Describe: {what} {msg.name!r} is unknown to dbguard")
