@@ -79,7 +79,11 @@ def test_actions(sql, expected):
     # settings
     ("SET standard_conforming_strings = off", {"setting_change", "unsafe_setting"}),
     ("SET standard_conforming_strings = on", {"setting_change"}),
-    ("SELECT set_config('standard_conforming_strings', 'off', false)",
+    ("SELECT set_config('standard_conforming_strings', 'off', false)", {"setting_change", "unsafe_setting"}),
+    ("SELECT set_config('jit', 'off', false)", {"setting_change"}),  # asyncpg's type introspection
+    ("SELECT set_config('jit', $1, false)", {"setting_change"}),  # ... and its restore
+    ("SELECT set_config('client_encoding', $1, false)", {"dangerous_function", "setting_change", "unsafe_setting"}),
+    ("SELECT set_config('Standard_Conforming_Strings', $1, false)",
      {"dangerous_function", "setting_change", "unsafe_setting"}),
     ("SELECT set_config(current_user, 'x', false)", {"dangerous_function", "setting_change", "unsafe_setting"}),
     ("SET NAMES 'SJIS'", {"setting_change", "unsafe_setting"}),

@@ -168,6 +168,8 @@ def test_asyncpg_binary_results_and_refusals(proxy: Proxy):
             assert await stmt.fetchval(2) == 1
             async with conn.transaction():
                 await conn.execute("INSERT INTO orders (customer_id, amount) VALUES ($1, $2)", 1, 3)
+            # An array parameter makes asyncpg introspect types, with set_config('jit', 'off', false) first.
+            assert await conn.fetchval("SELECT count(*) FROM orders WHERE id = ANY($1::int[])", [1, 2]) == 2
         finally:
             await conn.close()
     asyncio.run(go())

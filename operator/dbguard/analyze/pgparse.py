@@ -31,7 +31,7 @@ DANGEROUS_FUNCTIONS = frozenset({
     "pg_replication_slot_advance", "pg_switch_wal", "pg_file_write", "pg_file_unlink", "pg_file_rename",
     "pg_file_sync", "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema", "cursor_to_xml",
     "cursor_to_xmlschema", "table_to_xml", "table_to_xml_and_xmlschema", "database_to_xml",
-    "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xml_and_xmlschema", "set_config",
+    "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xml_and_xmlschema",
     "pg_advisory_lock", "pg_backup_start", "pg_backup_stop", "pg_create_restore_point",
     "pg_import_system_collations", "pg_sleep_for", "pg_sleep_until", "ts_stat", "ts_rewrite",
 })
@@ -490,6 +490,10 @@ def _visit_set(stmt: Any, c: _Collector, nested: bool) -> None:
     _judge_setting(name, value, kind == enums.VariableSetKind.VAR_SET_VALUE, c)
 
 
+# Settings that change how the proxy and the server read statements, or who runs them.
+_GUARDED_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", "role", "session_authorization"})
+
+
 def _judge_setting(name: str, value: str | None, is_value: bool, c: _Collector) -> None:
     if name in ("role", "session_authorization"):
         c.flags.add(Flag.ROLE_CHANGE)
@@ -539,12 +543,17 @@ def _visit_funccall(fc: Any, c: _Collector) -> None:
         args = list(fc.args or ())
         name = _const_text(args[0]) if args else None
         value = _const_text(args[1]) if len(args) > 1 else None
-        if name is None or value is None:
+        if name is None or (value is None and name.lower() in _GUARDED_SETTINGS):
+            # Which setting is known only at run time, or a setting the proxy guards gets a value known only
+            # at run time: dangerous, and refused by the proxy whatever the policy says.
             c.flags.add(Flag.UNSAFE_SETTING)
+            c.flags.add(Flag.DANGEROUS_FUNCTION)
             c.settings.append(Setting(name=(name or "?").lower(), value=value))
         else:
+            # A named setting is a SET like any other (drivers use it: asyncpg saves and restores jit
+            # with set_config('jit', $1, false)); value None means "known at run time".
             c.settings.append(Setting(name=name.lower(), value=value))
-            _judge_setting(name.lower(), value, True, c)
+            _judge_setting(name.lower(), value, value is not None, c)
 
 
 def _visit_rule(stmt: Any, c: _Collector, nested: bool) -> None:
