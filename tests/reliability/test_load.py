@@ -8,7 +8,6 @@ import signal
 import time
 
 import asyncpg
-import pytest
 import uvloop
 
 from tests.fix_postgres import Postgres, free_port, wait_until
@@ -113,12 +112,6 @@ RETAIN_CLIENTS = 300
 RETAIN_BOUND_KIB = 16  # what a connection may keep after its statements are done (idle costs ~12 KiB)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: pgwire.frontend.FrontendParser.receive_data only compacts its buffer once more than "
-    "64 KiB of it has been consumed (`self._pos > 65536`), so every session keeps up to ~64-128 KiB "
-    "of client bytes it has already parsed; a busy proxy with 1,000 clients holds ~60-130 MiB of "
-    "dead input (bench/soak.py: RSS grew 90 -> 149 MiB in 3 minutes, linearly, with the ledger "
-    "queue empty). Dropping the consumed bytes when the buffer is fully consumed fixes it"))
 def test_a_connection_that_has_sent_much_holds_no_more_memory_than_before(big_pg: Postgres, tmp_path):
     raise_nofile(4096)
     proxy = start_proxy(big_pg, tmp_path, "--log-level", "WARNING", "--events", "none")

@@ -117,11 +117,6 @@ def test_an_opa_that_is_down_fails_closed_at_once(opa_proxy):
 
 
 @pytest.mark.opa
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the OPA engine pushes the policy bundle once, at start (OpaServerEngine.__init__) and on a "
-    "policy reload; an OPA server that restarts comes back empty, every new statement shape is then "
-    "refused with dbguard:policy-error 'OPA returned no decision (undefined)', and the proxy never "
-    "pushes the bundle again until its policy files change or it restarts"))
 def test_an_opa_that_restarts_empty_gets_the_bundle_again_and_decisions_recover(opa_proxy):
     server, proxy = opa_proxy
     with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:

@@ -44,6 +44,12 @@ class FrontendParser:
         self.max_message_size = max_message_size
 
     def receive_data(self, data: bytes) -> None:
+        if self._pos == len(self._buf):
+            # Everything received was parsed (the usual case): start afresh, so an idle session holds
+            # no consumed bytes (and no capacity a large message left behind).
+            self._buf = bytearray(data)
+            self._pos = 0
+            return
         if self._pos > 65536 and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0

@@ -7,6 +7,7 @@ PolicyEvaluationError, which the decider turns into a refusal.
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from typing import Any
 
@@ -17,6 +18,8 @@ from dbguard.policy.compile import CompiledBundle
 from dbguard.policy.decision import Decision
 from dbguard.policy.engine import PolicyEvaluationError, decision_from_result
 
+log = logging.getLogger(__name__)
+
 
 class OpaServerEngine:
     def __init__(self, bundle: CompiledBundle, url: str, *, timeout_s: float = 1.0, push: bool = True) -> None:
@@ -26,6 +29,7 @@ class OpaServerEngine:
         self.revision = bundle.revision
         self._client = OpaClient(host=parts.hostname, port=parts.port or 8181, ssl=parts.scheme == "https",
                                  timeout=timeout_s, retries=0)
+        self._bundle: CompiledBundle | None = bundle if push else None
         if push:
             self.push(bundle)
 
@@ -36,16 +40,26 @@ class OpaServerEngine:
                 self._client.update_policy_from_string(text, _policy_id(name), rego_compat=False)
             self._client.update_or_create_data(bundle.data["dbguard"], "dbguard")
         except (requests.RequestException, Exception) as exc:  # noqa: BLE001 - the client raises its own types
-            raise PolicyEvaluationError(f"cannot install the policy bundle on OPA: {exc}") from exc
+            log.warning("cannot install the policy bundle on OPA: %s", exc)
+            raise PolicyEvaluationError(f"cannot install the policy bundle on OPA ({type(exc).__name__})") from exc
 
     def evaluate(self, input_doc: dict[str, Any]) -> Decision:
-        try:
-            answer = self._client.query_rule(input_doc, "dbguard", "decision")
-        except requests.RequestException as exc:
-            raise PolicyEvaluationError(f"OPA server did not answer: {exc}") from exc
+        answer = self._query(input_doc)
+        if "result" not in answer and self._bundle is not None:
+            # An OPA server that restarted has lost the pushed policy: push it again, once, and ask again.
+            log.warning("OPA returned no decision; pushing policy revision %s to it again", self.revision)
+            self.push(self._bundle)
+            answer = self._query(input_doc)
         if "result" not in answer:
             raise PolicyEvaluationError("OPA returned no decision (undefined)")
         return decision_from_result(answer["result"], self.revision)
+
+    def _query(self, input_doc: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._client.query_rule(input_doc, "dbguard", "decision")
+        except requests.RequestException as exc:
+            log.warning("OPA server did not answer: %s", exc)  # the address stays in the log, not in client errors
+            raise PolicyEvaluationError(f"the OPA server did not answer ({type(exc).__name__})") from exc
 
     def close(self) -> None:
         self._client.close_connection()
