@@ -42,12 +42,13 @@ class Operator:
     log_path: pathlib.Path
     proc: subprocess.Popen | None = None
     metrics_port: int = dataclasses.field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
 
     def start(self) -> None:
         args = [sys.executable, "-m", "dbguard", "operator", "--webhook-listen", f"127.0.0.1:{self.port}",
                 "--webhook-url-host", "127.0.0.1", "--webhook-config-name", self.config_name,
                 "--operator-namespace", self.namespace, "--proxy-image", "dbguard:test",
-                "--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.extra_args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      env={**self.kube.env(), "PYTHONUNBUFFERED": "1"})

@@ -91,7 +91,7 @@ class ProxyCollector(Collector):
         approvals = proxy.approvals
         if approvals is not None:
             yield GaugeMetricFamily("dbguard_approvals_held", "statements waiting now for an approval (hold mode)",
-                                    value=sum(1 for s in proxy.sessions if s.holding()))
+                                    value=sum(1 for s in list(proxy.sessions) if s.holding()))  # a copy: the loop thread changes it
             yield CounterMetricFamily("dbguard_approval_requests", "approval requests created",
                                       value=approvals.created)
             yield CounterMetricFamily("dbguard_approved_executions", "statements run under a claimed approval",

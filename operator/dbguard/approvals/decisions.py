@@ -114,7 +114,10 @@ def check(old: dict[str, Any] | None, new: dict[str, Any], userinfo: dict[str, A
 def phase_of(obj: dict[str, Any], now: datetime.datetime) -> tuple[str, str, str]:
     """(phase, decided by, reason) from the approvals, the minimum and the clock."""
     spec = obj.get("spec") or {}
-    current = (obj.get("status") or {}).get("phase", "Pending")
+    status = obj.get("status") or {}
+    if (status.get("execution") or {}).get("at"):
+        return "Executed", status.get("decidedBy", ""), ""  # a proxy claimed it: nothing else can follow
+    current = status.get("phase", "Pending")
     if current in FINAL_PHASES:
         return current, (obj.get("status") or {}).get("decidedBy", ""), ""
     approvals = spec.get("approvals") or []

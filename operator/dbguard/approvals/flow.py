@@ -43,20 +43,29 @@ class Outcome:
 
     run: bool
     request: str
-    state: str = ""  # approved | pending | denied | cancelled | expired | executed | timeout | canceled | gone
+    state: str = ""  # approved | pending | denied | cancelled (by the requester) | expired | executed |
+    #                  timeout | canceled (the client's cancel request) | gone
     sqlstate: str = ""
     message: str = ""
     hint: str = ""
 
 
 def approval_decision(decisions: list[Decision]) -> Decision | None:
-    """The require-approval decision, when that (and not a denial) is what stops the statement."""
+    """The require-approval decision, when that (and not a denial) is what stops the statement.
+
+    When statements of one message need approvals under different rules (or settings), there is no
+    single request whose approvers stand for all of them: None, so the message stays refused and the
+    client is told to send the statements separately.
+    """
     found = None
     for d in decisions:
         if d.enforced is PolicyAction.DENY:
             return None
-        if d.enforced is PolicyAction.REQUIRE_APPROVAL and found is None:
-            found = d
+        if d.enforced is PolicyAction.REQUIRE_APPROVAL:
+            if found is None:
+                found = d
+            elif (d.policy, d.rule, d.approval) != (found.policy, found.rule, found.approval):
+                return None
     return found
 
 
@@ -83,6 +92,7 @@ class Approvals:
         self.created = 0
         self.executed = 0
         self._entries: dict[str, int] = {}  # request -> the ledger entry that recorded its execution
+        self._finishing: set[asyncio.Task] = set()
 
     async def resolve(self, *, decision: Decision, principal: Principal, database: str, statement: str,
                       params: tuple[str | None, ...], operation: str, session_id: str,
@@ -102,13 +112,16 @@ class Approvals:
                                                       "session": session_id, "reason": problem}, flush=True)
                 continue
             existing.append(candidate)
+        # Any approved request for this statement will do (two sessions may each have asked), newest first.
+        for candidate in existing:
+            if candidate.trusted_phase(settings, now) == "Approved" and not closed() and not cancelled.is_set():
+                outcome = await self._claim(candidate, session_id)
+                if outcome is not None:
+                    return outcome
         request: Request | None = existing[0] if existing else None
         phase = request.trusted_phase(settings, now) if request is not None else ""
-        if request is not None and phase == "Approved":
-            outcome = await self._claim(request, session_id)
-            if outcome is not None:
-                return outcome
-            phase = "Executed"  # someone else ran it just now
+        if phase == "Approved":
+            phase = "Executed"  # someone else ran it just now (or the client left or cancelled: new request)
         where = f"{decision.policy}/{decision.rule}" if decision.policy else decision.rule
         if request is not None and phase == "Denied":
             # A denial stands until the request expires: asking again at once is not a new question.
@@ -137,8 +150,13 @@ class Approvals:
                                                        "approvals": request.spec.get("approvals", [])},
                                   flush=True, durable=True)
         if waiter is not None:
-            # Recorded before it runs (LedgerUnavailable propagates); its sequence number goes on the request.
-            self._entries[request.name] = await asyncio.wrap_future(waiter)
+            # Recorded before it runs; its sequence number goes on the request. If the ledger cannot
+            # record it, the statement is refused and the (used) approval says why.
+            try:
+                self._entries[request.name] = await asyncio.wrap_future(waiter)
+            except Exception:
+                self.finished(request.name, None, "not executed: the audit ledger could not record it")
+                raise
         return Outcome(run=True, request=request.name, state="approved")
 
     async def _create(self, decision: Decision, principal: Principal, database: str, statement: str,
@@ -177,6 +195,10 @@ class Approvals:
         deadline = loop.time() + timeout
         name = request.name
         while True:
+            if closed():
+                return Outcome(run=False, request=name, state="gone", sqlstate="08006", message="the client went away")
+            if cancelled.is_set():
+                break  # before any claim: a cancelled statement must not use up an approval
             current = await self.store.get(name)
             phase = current.trusted_phase(settings) if current is not None else "Cancelled"
             if phase == "Approved":
@@ -187,8 +209,6 @@ class Approvals:
                 phase = "Executed"
             if phase != "Pending":
                 return self._finished_outcome(current, phase, name)
-            if closed():
-                return Outcome(run=False, request=name, state="gone", sqlstate="08006", message="the client went away")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return Outcome(run=False, request=name, state="timeout", sqlstate=str(SqlState.QUERY_CANCELED),
@@ -198,7 +218,8 @@ class Approvals:
                 await asyncio.wait_for(cancelled.wait(), min(POLL_S, remaining))
             except TimeoutError:
                 continue
-            return Outcome(run=False, request=name, state="canceled", sqlstate=str(SqlState.QUERY_CANCELED),
+            break
+        return Outcome(run=False, request=name, state="canceled", sqlstate=str(SqlState.QUERY_CANCELED),
                            message=f"canceling statement due to user request (approval request {name} stays "
                                    "pending)")
 
@@ -224,4 +245,10 @@ class Approvals:
             except Exception:  # noqa: BLE001 - the ledger has it; the request's status is best effort
                 log.exception("could not record the execution on approval request %s", name)
 
-        asyncio.get_running_loop().create_task(_finish())
+        task = asyncio.get_running_loop().create_task(_finish())
+        self._finishing.add(task)  # kept (and awaited by drain) so an outcome is not lost at shutdown
+        task.add_done_callback(self._finishing.discard)
+
+    async def drain(self) -> None:
+        if self._finishing:
+            await asyncio.wait(list(self._finishing), timeout=10)

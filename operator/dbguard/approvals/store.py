@@ -194,8 +194,6 @@ class Request:
     def spec(self) -> dict[str, Any]:
         return self.doc.get("spec") or {}
 
-    def expires_at(self) -> datetime.datetime:
-        return decisions.parse_time(self.spec["expiresAt"])
 
 
 class ApprovalStore(Protocol):

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics: reconciliations, webhook "
                         "reviews and their latency, approval phases (default: off)")
+    p.add_argument("--approval-notify-url", default="", metavar="URL",
+                   help="Slack-compatible webhook called when an approval request is decided, cancelled or expires "
+                        "(default: off; proxies notify on creation with their own flag)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.webhook_config_name = args.webhook_config_name
     cfg.operator_namespace = args.operator_namespace
     cfg.cert_dir = args.cert_dir
+    cfg.approval_notify_url = args.approval_notify_url
     from dbguard.controller import handlers, metrics  # noqa: F401 - importing handlers registers them with kopf
 
     if args.metrics_listen:

@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from dbguard.approvals import decisions as approvals
+from dbguard.approvals import notify
 from dbguard.controller import access as access_mod
 from dbguard.controller import certs, inject, metrics, policies, webhook_config
 from dbguard.controller.conditions import set_condition
@@ -282,6 +283,22 @@ def reconcile_approval(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     if new is not None:
         patch.status.update(new)
         metrics.approval_phase(new["phase"])
+        _notify_decided(body, new)
+
+
+_notifier: notify.Notifier | None = None
+
+
+def _notify_decided(body: Any, status: dict[str, Any]) -> None:
+    """Tell approvers' channel that a request was decided, cancelled or expired (creation is the proxy's)."""
+    global _notifier
+    if not CFG.approval_notify_url or status["phase"] == "Pending":
+        return
+    if _notifier is None:
+        _notifier = notify.Notifier(CFG.approval_notify_url)
+    meta = body["metadata"]
+    _notifier.send(notify.decided_text(f"{meta['namespace']}/{meta['name']}", status["phase"],
+                                       status.get("decidedBy", "")), request=meta["name"], phase=status["phase"])
 
 
 @kopf.daemon(GROUP, VERSION, "approvalrequests", cancellation_timeout=5,
@@ -309,3 +326,4 @@ async def expire_approval(body: kopf.Body, namespace: str, name: str, stopped: k
         await asyncio.to_thread(custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
                                 "approvalrequests", name, {"status": new})
         metrics.approval_phase(new["phase"])
+        _notify_decided(current, new)

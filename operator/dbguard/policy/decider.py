@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import logging
 import time
 from collections import OrderedDict
 from typing import Any
@@ -26,6 +27,7 @@ from dbguard.policy.engine import PolicyEngine, PolicyEvaluationError
 from dbguard.policy.input import SESSION_FIELDS, build_input
 
 CACHE_SIZE = 10_000
+log = logging.getLogger(__name__)
 
 
 def refusal_decision(rule: str, reason: str, revision: str) -> Decision:
@@ -146,6 +148,10 @@ class Decider:
         except PolicyEvaluationError as exc:
             return refusal_decision("dbguard:policy-error", f"the policy could not be evaluated: {exc}",
                                     self.revision)
+        except Exception as exc:  # noqa: BLE001 - an engine bug must refuse this statement, not cancel waiters
+            log.exception("policy engine failed")
+            return refusal_decision("dbguard:policy-error",
+                                    f"the policy could not be evaluated ({type(exc).__name__})", self.revision)
         self.latency.observe(time.monotonic() - started)
         if generation != self.generation:  # the policy was reloaded meanwhile: decide again under the new one
             return await self._evaluate(principal, session, facts, now, key)

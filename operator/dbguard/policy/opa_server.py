@@ -39,6 +39,7 @@ class OpaServerEngine:
             for name, text in bundle.modules.items():
                 self._client.update_policy_from_string(text, _policy_id(name), rego_compat=False)
             self._client.update_or_create_data(bundle.data["dbguard"], "dbguard")
+            self._bundle = bundle  # pushed again if the server is found empty (restarted)
         except (requests.RequestException, Exception) as exc:  # noqa: BLE001 - the client raises its own types
             log.warning("cannot install the policy bundle on OPA: %s", exc)
             raise PolicyEvaluationError(f"cannot install the policy bundle on OPA ({type(exc).__name__})") from exc

@@ -4,7 +4,9 @@ The operator publishes each compiled GuardrailPolicy in a ConfigMap that the sid
 kubelet swaps the mounted files atomically (a ``..data`` symlink). The proxy reads its policy
 files every few seconds and, when their content changed, loads, validates and compiles them and
 swaps the shared decider: the next statement of every open session is decided by the new
-revision. A policy that does not load leaves the running revision in force (and says why).
+revision. A policy that does not load leaves the running revision in force (and says why). With
+an OPA server, the new modules are pushed only once everything else has loaded; a push that fails
+also leaves the running revision in force (modules of removed policies stay on the server unused).
 
 Masking is different: a session resolves its masks once, at connect. When the masking rules
 change, the sessions that are masked under the old or the new rules are closed (57P01,
@@ -80,8 +82,24 @@ class PolicyReloader:
         if bundle.revision == old:
             return False
         masking_changed = self._mask_rules(policies) != self._mask_rules(self.proxy.decider.bundle.policies)
-        # Everything of the new revision is built (and has failed, if it fails) before anything is swapped.
+        # Everything of the new revision is built (and has failed, if it fails) before anything is swapped;
+        # an OPA server gets the new modules only now, just before the decider switches to them.
+        if hasattr(engine, "push"):
+            try:
+                await loop.run_in_executor(None, engine.push, bundle)
+            except PolicyEvaluationError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                log.error("the OPA server did not take revision %s; %s stays in force: %s", bundle.revision,
+                          self.proxy.decider.revision, exc)
+                self.proxy.events.emit(EventKind.POLICY, {"event": "reload-failed",
+                                                          "revision": self.proxy.decider.revision,
+                                                          "error": str(exc)[:2000]}, flush=True)
+                return False
+        previous_engine = self.proxy.decider.engine
         self.proxy.decider.replace(bundle, engine)
+        if previous_engine is not engine and hasattr(previous_engine, "close"):
+            previous_engine.close()
         if masking_changed:
             self._replace_masking(masking)
         self.reloads += 1
@@ -96,7 +114,7 @@ class PolicyReloader:
         from dbguard.session import app
 
         policies = spec.load_policies(list(self.paths))
-        bundle, engine = app.build_engine(self.proxy.settings, policies)
+        bundle, engine = app.build_engine(self.proxy.settings, policies, push=False)  # an OPA server: not yet
         masking = app.build_masking(self.proxy.settings, policies)  # e.g. a hash rule without --masking-key fails here
         return policies, bundle, engine, masking
 

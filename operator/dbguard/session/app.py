@@ -22,15 +22,16 @@ if TYPE_CHECKING:
     from dbguard.policy.spec import Policy
 
 
-def build_engine(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN201 - (bundle, engine)
-    """Compile the policies and load them into the configured engine (raises ConfigError)."""
+def build_engine(settings: ProxySettings, policies: list[Policy], *, push: bool = True):  # noqa: ANN201
+    """(bundle, engine): compile the policies and load them into the configured engine (raises
+    ConfigError). ``push=False`` leaves an OPA server as it is until ``engine.push(bundle)``."""
     from dbguard.policy import compile as policy_compile
 
     bundle = policy_compile.compile_policies(policies)
     if settings.engine == "opa":
         from dbguard.policy import opa_server
 
-        return bundle, opa_server.OpaServerEngine(bundle, settings.opa_url)
+        return bundle, opa_server.OpaServerEngine(bundle, settings.opa_url, push=push)
     from dbguard.policy import embedded
 
     return bundle, embedded.EmbeddedEngine(bundle)

@@ -70,8 +70,9 @@ class Proxy:
             log.info("cancel request with an unknown key ignored")
             return
         session, server_pid, server_key = entry
-        if session.cancel_hold():  # waiting for an approval: nothing runs on the server yet
-            return
+        session.cancel_hold()  # a statement waiting for an approval stops waiting...
+        # ...and the server gets the cancel too: earlier statements of a pipeline may be running (an idle
+        # backend ignores it).
         task = asyncio.get_running_loop().create_task(
             upstream.send_cancel(self.settings.upstream, server_pid, server_key))
         task.add_done_callback(lambda t: t.exception() and log.warning("cancel forwarding failed: %s", t.exception()))
@@ -114,6 +115,8 @@ class Proxy:
             self._flusher.cancel()
         if self._reload_task is not None:
             self._reload_task.cancel()
+        if self.approvals is not None:
+            await self.approvals.drain()  # outcomes of approved statements reach their requests
         await asyncio.get_running_loop().run_in_executor(None, self.events.close)  # commits what is queued
         self._stopped.set()
 

@@ -77,6 +77,9 @@ def _keepalive(sock: Any) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+HOLD_INPUT_LIMIT = 1 << 20  # bytes a client may send while a statement of its waits for an approval
+
+
 class ClientSession(asyncio.Protocol):
     """asyncio protocol for one client; owns its upstream connection."""
 
@@ -127,12 +130,13 @@ class ClientSession(asyncio.Protocol):
         self._active_plan: MaskPlan | None = None  # the plan of the result being relayed, once looked up
         self._holding: bytearray | None = None  # server output held while the catalog is read again
         self._held_once = False  # the current RowDescription was already held for a catalog read
-        # approvals (dbguard.approvals.flow): the claimed request of the statement being forwarded
         self._counted_as = ""  # the identity this session counts against (--max-connections-per-identity)
+        # approvals (dbguard.approvals.flow): the claimed request of the statement being forwarded
         self._approved_next = ""
         self._approval_note = b""  # the approval outcome, added to the statement's decision entry
         self._param_types: dict[str, tuple[int, ...]] = {}
         self._approved_stmts: dict[int, str] = {}  # statement number -> request, until its completion
+        self._executes_sent: set[int] = set()  # approved statements whose Execute went to the server
         self._hold_cancel: asyncio.Event | None = None  # set while a statement waits for a decision
 
     # -- transport callbacks ---------------------------------------------------------------------
@@ -154,6 +158,8 @@ class ClientSession(asyncio.Protocol):
         self.parser.receive_data(data)
         if not self._busy:
             self._process()
+        elif self.parser.buffered > HOLD_INPUT_LIMIT and self.transport is not None:
+            self.transport.pause_reading()  # read during a hold to notice a client that leaves; not without bound
 
     def pause_writing(self) -> None:  # the client reads slowly: stop reading from the server
         if self.upstream is not None:
@@ -759,6 +765,8 @@ class ClientSession(asyncio.Protocol):
             return self._refuse_protocol(SqlState.INVALID_CURSOR_NAME,
                                          f"dbguard refused Execute: portal {msg.portal!r} was not bound through dbguard")
         _, stmt, deferred = portal
+        if self._approved_stmts and stmt in self._approved_stmts:
+            self._executes_sent.add(stmt)  # its outcome now comes with its completion
         if deferred is not None:  # the first Execute writes the read's decision; later pieces add completions
             self._portals[msg.portal] = (portal[0], stmt, None)
         self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
@@ -788,6 +796,7 @@ class ClientSession(asyncio.Protocol):
         self._in_batch = True
         if msg.kind == "S":
             self._statements.pop(msg.name, None)
+            self._param_types.pop(msg.name, None)
         else:
             self._drop_portals([msg.name])
         self._out += msg.raw
@@ -850,8 +859,7 @@ class ClientSession(asyncio.Protocol):
             # Before any approval is claimed: a statement masking refuses must not use one up.
             refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
             if refusal is not None:
-                self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(normalized), sync=True)
-                self._flush()
+                await self._refuse_and_log_now(refusal, self.proxy.facts_cache.recorded_text(normalized), sync=True)
                 return
         if held:
             verdict = await self._approve(verdict, sql, ())
@@ -916,6 +924,8 @@ class ClientSession(asyncio.Protocol):
         def notice(text: str) -> None:
             self._send(m.encode_error(sqlstate="01000", message=text, severity="NOTICE", notice=True))
 
+        if self.transport is not None:
+            self.transport.resume_reading()  # a paused transport would not report a client that leaves
         try:
             outcome = await self.proxy.approvals.resolve(
                 decision=decision, principal=self.principal, database=self.settings.upstream.database,
@@ -929,13 +939,19 @@ class ClientSession(asyncio.Protocol):
                 sqlstate=SqlState.IO_ERROR, rule="dbguard:ledger-unavailable",
                 message="dbguard refused the statement: the audit ledger cannot record it right now"))
         except Exception as exc:  # noqa: BLE001 - a store that cannot answer means no approval (fail closed)
-            log.warning("session %s: approval store failed: %s", self.session_id, exc)
+            log.warning("session %s: approval store failed: %s", self.session_id, exc)  # details stay in the log
             return dataclasses.replace(verdict, refusal=Refusal(
                 sqlstate=SqlState.INSUFFICIENT_PRIVILEGE, rule=decision.rule,
                 message=f"dbguard: approval required by rule {decision.rule}, and the approval store cannot be "
-                        f"reached: {type(exc).__name__}: {str(exc)[:200]}"))
+                        f"reached ({type(exc).__name__})"))
         finally:
             self._hold_cancel = None
+            if self.transport is not None and self.state not in ("closed", "gone"):
+                self.transport.pause_reading()  # still busy until this step ends
+        if outcome.run and self.state in ("closed", "gone"):
+            self.proxy.approvals.finished(outcome.request, None, "not executed: the client went away")
+            return dataclasses.replace(verdict, refusal=Refusal(sqlstate=SqlState.QUERY_CANCELED, rule=decision.rule,
+                                                                message="the client went away"))
         self._approval_note = orjson.dumps({"request": outcome.request, "outcome": outcome.state})
         if outcome.run:
             self._approved_next = outcome.request
@@ -964,6 +980,14 @@ class ClientSession(asyncio.Protocol):
         if self._approved_next and self.proxy.approvals is not None:
             self.proxy.approvals.finished(self._approved_next, None, f"not executed: {refusal.message}")
             self._approved_next = ""
+
+    async def _refuse_and_log_now(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
+        """_refuse_and_log from inside an async step: wait for the ledger here, so the refusal takes its
+        place in the stream before the step ends and the next message is processed."""
+        if not sync:
+            self._discard_until_sync = True
+        await self._await_commit(self._emit_refusal(refusal, statement),
+                                 lambda failed: self._refuse(failed or refusal, sync=sync))
 
     def _refuse_and_log(self, refusal: Refusal, statement: str, *, sync: bool) -> None:
         if not sync:
@@ -1021,6 +1045,10 @@ class ClientSession(asyncio.Protocol):
         """Forget portals; a read bound but never executed still gets its decision recorded."""
         for name in names:
             portal = self._portals.pop(name, None)
+            if (portal is not None and portal[1] in self._approved_stmts and portal[1] not in self._executes_sent
+                    and self.proxy.approvals is not None):
+                self.proxy.approvals.finished(self._approved_stmts.pop(portal[1]), None,
+                                              "not executed: the portal was closed before it ran")
             if portal is not None and portal[2] is not None:
                 iso, fragment = portal[2]
                 self.proxy.events.emit_fragments(
@@ -1036,6 +1064,7 @@ class ClientSession(asyncio.Protocol):
             if p.ended:
                 durations.observe(p.ended - p.started)
             if self._approved_stmts and p.stmt in self._approved_stmts and self.proxy.approvals is not None:
+                self._executes_sent.discard(p.stmt)
                 self.proxy.approvals.finished(self._approved_stmts.pop(p.stmt), rows_from_tags(p.tags),
                                               f"{p.error[0]}: {p.error[1]}" if p.error else None)
             completion = b'"completion":' + p.json()
@@ -1069,7 +1098,11 @@ class ClientSession(asyncio.Protocol):
             self._statements.pop(msg.name, None)
             return self._refuse_and_log(refusal_for_analysis_error(exc), sql, sync=False)
         self._statements[msg.name] = statements
-        self._param_types[msg.name] = msg.param_types  # to show binary parameters of held statements as text
+        if self.proxy.approvals is not None:  # to show binary parameters of held statements as text
+            if msg.param_types:
+                self._param_types[msg.name] = msg.param_types
+            else:
+                self._param_types.pop(msg.name, None)
         self._out += msg.raw
         return None
 
@@ -1101,8 +1134,7 @@ class ClientSession(asyncio.Protocol):
             refusal = await self._mask_check(text, portal=msg.portal)  # before any approval is claimed
             if refusal is not None:
                 self._portals.pop(msg.portal, None)
-                self._refuse_and_log(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
-                self._flush()
+                await self._refuse_and_log_now(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
                 return
         if held:
             types = self._param_types.get(msg.statement, ())
