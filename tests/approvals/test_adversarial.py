@@ -132,3 +132,13 @@ def test_a_second_bind_in_the_same_batch_never_runs_twice(pg: Postgres, px: Prox
     # The second Bind needs a new approval; its refusal ends the batch, so nothing in it ran.
     assert [e[1] for e in out if e[0] == "E"] == ["42501"] and not any(e[0] == "C" for e in out)
     assert balance(pg) == "100.00"
+
+
+def test_statements_held_by_different_rules_are_not_approved_together(pg: Postgres, px: Proxy, store) -> None:  # noqa: ANN001
+    both = "UPDATE customers SET balance = balance + 1 WHERE id = 1; ALTER TABLE orders ADD COLUMN z int"
+    with psycopg.connect(px.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval required") as exc:
+            conn.execute(both)  # two rules, two sets of approvers: no single request can stand for both
+        assert "send them one at a time" in exc.value.diag.message_hint
+    assert LocalStore(store).list_sync() == []
+    assert balance(pg) == "100.00"

@@ -69,6 +69,12 @@ def approval_decision(decisions: list[Decision]) -> Decision | None:
     return found
 
 
+def mixed_rules(decisions: list[Decision]) -> bool:
+    """Statements of one message need approvals under different rules (and no denial stops them)."""
+    held = {(d.policy, d.rule) for d in decisions if d.enforced is PolicyAction.REQUIRE_APPROVAL}
+    return len(held) > 1 and not any(d.enforced is PolicyAction.DENY for d in decisions)
+
+
 def rows_from_tags(tags: list[str]) -> int | None:
     total = None
     for tag in tags:

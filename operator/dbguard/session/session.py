@@ -26,7 +26,7 @@ import orjson
 import psycopg
 
 from dbguard.analyze import facts as F
-from dbguard.approvals.flow import approval_decision, rows_from_tags
+from dbguard.approvals.flow import approval_decision, mixed_rules, rows_from_tags
 from dbguard.approvals.store import params_as_text
 from dbguard.audit.events import EventKind, iso_time
 from dbguard.audit.writer import LedgerUnavailable, Waiter
@@ -855,6 +855,10 @@ class ClientSession(asyncio.Protocol):
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
         held = verdict.refusal is not None and self._approval_for(verdict) is not None
+        if verdict.refusal is not None and self.proxy.approvals is not None and mixed_rules(verdict.decisions):
+            verdict = dataclasses.replace(verdict, refusal=dataclasses.replace(
+                verdict.refusal, hint="these statements need approvals under different rules: send them one "
+                                      "at a time, and each gets its own approval request"))
         if (held or verdict.refusal is None) and self.mask_set is not None:
             # Before any approval is claimed: a statement masking refuses must not use one up.
             refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
