@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -139,6 +140,15 @@ class KubePlane:
         cfg.ssl_ca_cert = str(self.ca_file)
         cfg.api_key = {"authorization": f"Bearer {self.tokens[user]}"}
         return client.ApiClient(cfg)
+
+    def token_kubeconfig(self, token: str, path: pathlib.Path) -> pathlib.Path:
+        """A kubeconfig that authenticates with ``token`` (e.g. a ServiceAccount's, as a pod would)."""
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "pod",
+            "clusters": [{"name": "c", "cluster": {"server": self.server, "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "pod", "user": {"token": token}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "c", "user": "pod"}}]}))
+        return path
 
     def namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"

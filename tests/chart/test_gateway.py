@@ -42,15 +42,6 @@ from tests.session.test_policy_reload import ConfigMapDir
 GATEWAY_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRoleBinding")
 
 
-def _kubeconfig(kube: KubePlane, token: str, path: pathlib.Path) -> pathlib.Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "pod",
-        "clusters": [{"name": "c", "cluster": {"server": kube.server, "certificate-authority": str(kube.ca_file)}}],
-        "users": [{"name": "pod", "user": {"token": token}}],
-        "contexts": [{"name": "pod", "context": {"cluster": "c", "user": "pod"}}]}))
-    return path
-
-
 class Kubelet:
     """What the kubelet does for one container of a pod: its volumes (Secrets, ConfigMaps, projected
     ServiceAccount tokens, emptyDirs) at local paths, its $(VAR) expansion, its ports on free local ones,
@@ -143,7 +134,7 @@ class Kubelet:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sync()
         api_token = self.kube.kubectl("-n", self.ns, "create", "token", self.service_account, "--duration", "1h").stdout
-        kubeconfig = _kubeconfig(self.kube, api_token.strip(), self.root / "in-cluster.kubeconfig")
+        kubeconfig = self.kube.token_kubeconfig(api_token.strip(), self.root / "in-cluster.kubeconfig")
         args = self.args()
         env = {**os.environ, **self.env, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1",
                "NO_PROXY": "127.0.0.1", "HOME": str(self.root)}

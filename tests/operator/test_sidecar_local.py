@@ -33,15 +33,6 @@ PASSWORD_PATH = "/var/run/dbguard/database/password"
 POLICY_ROOT = "/etc/dbguard/policies/"
 
 
-def _kubeconfig_for(kube: KubePlane, token: str, path: pathlib.Path) -> pathlib.Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "pod",
-        "clusters": [{"name": "c", "cluster": {"server": kube.server, "certificate-authority": str(kube.ca_file)}}],
-        "users": [{"name": "pod", "user": {"token": token}}],
-        "contexts": [{"name": "pod", "context": {"cluster": "c", "user": "pod"}}]}))
-    return path
-
-
 class Kubelet:
     """What the kubelet does for the sidecar: volumes at local paths, $(VAR) expansion, the process."""
 
@@ -101,7 +92,7 @@ class Kubelet:
                                   "--duration", "1h").stdout.strip()
         (self.root / "token").write_text(token)
         api_token = self.kube.kubectl("-n", self.ns, "create", "token", service_account, "--duration", "1h").stdout
-        kubeconfig = _kubeconfig_for(self.kube, api_token.strip(), self.root / "pod-kubeconfig")
+        kubeconfig = self.kube.token_kubeconfig(api_token.strip(), self.root / "pod-kubeconfig")
         args = self.args()
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "dbguard", *args], env=env, stdout=subprocess.DEVNULL,

@@ -9,7 +9,6 @@ the status (``resourceVersion``): of two proxies claiming the same approval, one
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 import pathlib
@@ -18,7 +17,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from dbguard.approvals.store import NewRequest, Request
+from dbguard.approvals.store import NewRequest, Request, ThreadedStore, with_outcome
 
 GROUP, VERSION, PLURAL = "dbguard.io", "v1alpha1", "approvalrequests"
 FINGERPRINT_LABEL = "dbguard.io/fingerprint"  # a label value holds 63 characters: the first 40 hex digits
@@ -36,7 +35,7 @@ def default_namespace() -> str:
         return "default"
 
 
-class KubeStore:
+class KubeStore(ThreadedStore):
     kind = "kubernetes"
 
     def __init__(self, namespace: str = "", *, kubeconfig: str = "") -> None:
@@ -49,14 +48,14 @@ class KubeStore:
             self.api = client.ApiClient(cfg)
         self.custom = client.CustomObjectsApi(self.api)
 
-    def _find(self, fingerprint: str) -> list[Request]:
+    def find_sync(self, fingerprint: str) -> list[Request]:
         found = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
                                                           label_selector=f"{FINGERPRINT_LABEL}={fingerprint[:40]}")
         items = [i for i in found.get("items", []) if (i.get("spec") or {}).get("fingerprint") == fingerprint]
         items.sort(key=lambda i: (i["metadata"].get("creationTimestamp", ""), i["metadata"]["name"]), reverse=True)
         return [Request(i["metadata"]["name"], i) for i in items]
 
-    def _create(self, new: NewRequest) -> Request:
+    def create_sync(self, new: NewRequest) -> Request:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApprovalRequest",
                 "metadata": {"name": new.name(), "labels": {FINGERPRINT_LABEL: new.fingerprint[:40],
                                                             "app.kubernetes.io/managed-by": "dbguard"}},
@@ -64,7 +63,7 @@ class KubeStore:
         created = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
         return Request(created["metadata"]["name"], created)
 
-    def _get(self, name: str) -> Request | None:
+    def get_sync(self, name: str) -> Request | None:
         try:
             obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
         except ApiException as exc:
@@ -73,9 +72,9 @@ class KubeStore:
             raise
         return Request(name, obj)
 
-    def _claim(self, name: str, proxy: str) -> bool:
+    def claim_sync(self, name: str, proxy: str) -> bool:
         for _ in range(10):  # conflicts with the operator's own status writes are retried
-            current = self._get(name)
+            current = self.get_sync(name)
             if current is None or current.phase() != "Approved":
                 return False
             status: dict[str, Any] = dict(current.doc.get("status") or {})
@@ -91,34 +90,14 @@ class KubeStore:
                     raise
         return False
 
-    def _finish(self, name: str, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
-        current = self._get(name)
+    def finish_sync(self, name: str, *, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
+        current = self.get_sync(name)
         if current is None:
             return
-        execution: dict[str, Any] = dict((current.doc.get("status") or {}).get("execution") or {})
-        if rows is not None:
-            execution["rowsAffected"] = rows
-        if error:
-            execution["error"] = error[:1024]
-        if ledger_entry is not None:
-            execution["ledgerEntry"] = ledger_entry
+        execution = with_outcome((current.doc.get("status") or {}).get("execution") or {}, rows=rows, error=error,
+                                 ledger_entry=ledger_entry)
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name,
                                                           {"status": {"execution": execution}})
-
-    async def find(self, fingerprint: str) -> list[Request]:
-        return await asyncio.to_thread(self._find, fingerprint)
-
-    async def create(self, new: NewRequest) -> Request:
-        return await asyncio.to_thread(self._create, new)
-
-    async def get(self, name: str) -> Request | None:
-        return await asyncio.to_thread(self._get, name)
-
-    async def claim(self, name: str, proxy: str) -> bool:
-        return await asyncio.to_thread(self._claim, name, proxy)
-
-    async def finish(self, name: str, *, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
-        await asyncio.to_thread(self._finish, name, rows, error, ledger_entry)
 
     def approve_hint(self, name: str, namespace: str = "") -> str:
         return (f"kubectl -n {self.namespace} patch approvalrequest {name} --type merge "

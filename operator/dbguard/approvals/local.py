@@ -9,16 +9,14 @@ authenticated.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import pathlib
 import sqlite3
-from typing import Any
 
 import orjson
 
 from dbguard.approvals import decisions
-from dbguard.approvals.store import NewRequest, Request
+from dbguard.approvals.store import NewRequest, Request, ThreadedStore, with_outcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS approval_requests (
@@ -40,7 +38,7 @@ def _iso(t: datetime.datetime) -> str:
     return t.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-class LocalStore:
+class LocalStore(ThreadedStore):
     kind = "local"
 
     def __init__(self, path: str | pathlib.Path) -> None:
@@ -137,33 +135,10 @@ class LocalStore:
                 conn.execute("ROLLBACK")
                 return
             doc = orjson.loads(row[0])
-            execution: dict[str, Any] = dict((doc.get("status") or {}).get("execution") or {})
-            if rows is not None:
-                execution["rowsAffected"] = rows
-            if error:
-                execution["error"] = error[:1024]
-            if ledger_entry is not None:
-                execution["ledgerEntry"] = ledger_entry
-            doc["status"]["execution"] = execution
+            doc["status"]["execution"] = with_outcome((doc.get("status") or {}).get("execution") or {}, rows=rows,
+                                                      error=error, ledger_entry=ledger_entry)
             conn.execute("UPDATE approval_requests SET doc = ? WHERE name = ?", (orjson.dumps(doc), name))
             conn.execute("COMMIT")
-
-    # -- the async interface the proxy uses ----------------------------------------------------------
-
-    async def find(self, fingerprint: str) -> list[Request]:
-        return await asyncio.to_thread(self.find_sync, fingerprint)
-
-    async def create(self, new: NewRequest) -> Request:
-        return await asyncio.to_thread(self.create_sync, new)
-
-    async def get(self, name: str) -> Request | None:
-        return await asyncio.to_thread(self.get_sync, name)
-
-    async def claim(self, name: str, proxy: str) -> bool:
-        return await asyncio.to_thread(self.claim_sync, name, proxy)
-
-    async def finish(self, name: str, *, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
-        await asyncio.to_thread(self.finish_sync, name, rows=rows, error=error, ledger_entry=ledger_entry)
 
     def approve_hint(self, name: str, namespace: str = "") -> str:
         return f"dbguard approve {name} --store {self.path} --as APPROVER --group GROUP --reason '...'"

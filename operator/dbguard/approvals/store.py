@@ -7,6 +7,7 @@ A request is the same document in both stores: ``{"metadata": {...}, "spec": {..
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import hashlib
@@ -194,6 +195,53 @@ class Request:
     def spec(self) -> dict[str, Any]:
         return self.doc.get("spec") or {}
 
+
+
+def with_outcome(execution: dict[str, Any], *, rows: int | None, error: str | None,
+                 ledger_entry: int | None) -> dict[str, Any]:
+    """A request's ``status.execution`` with the outcome of its run added."""
+    out = dict(execution)
+    if rows is not None:
+        out["rowsAffected"] = rows
+    if error:
+        out["error"] = error[:1024]
+    if ledger_entry is not None:
+        out["ledgerEntry"] = ledger_entry
+    return out
+
+
+class ThreadedStore:
+    """The async interface over a store's blocking calls (SQLite, the Kubernetes client), in threads."""
+
+    def find_sync(self, fingerprint: str) -> list[Request]:
+        raise NotImplementedError
+
+    def create_sync(self, new: NewRequest) -> Request:
+        raise NotImplementedError
+
+    def get_sync(self, name: str) -> Request | None:
+        raise NotImplementedError
+
+    def claim_sync(self, name: str, proxy: str) -> bool:
+        raise NotImplementedError
+
+    def finish_sync(self, name: str, *, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
+        raise NotImplementedError
+
+    async def find(self, fingerprint: str) -> list[Request]:
+        return await asyncio.to_thread(self.find_sync, fingerprint)
+
+    async def create(self, new: NewRequest) -> Request:
+        return await asyncio.to_thread(self.create_sync, new)
+
+    async def get(self, name: str) -> Request | None:
+        return await asyncio.to_thread(self.get_sync, name)
+
+    async def claim(self, name: str, proxy: str) -> bool:
+        return await asyncio.to_thread(self.claim_sync, name, proxy)
+
+    async def finish(self, name: str, *, rows: int | None, error: str | None, ledger_entry: int | None) -> None:
+        await asyncio.to_thread(self.finish_sync, name, rows=rows, error=error, ledger_entry=ledger_entry)
 
 
 class ApprovalStore(Protocol):
