@@ -80,7 +80,7 @@ class ProxyCollector(Collector):
                                         "(rule is empty for a policy's default)", labels=["action", "rule", "database"])
         database = proxy.settings.upstream.database
         for (action, rule), n in sorted(stats.decisions.items()):
-            decisions.add_metric([action, rule, database], n)
+            decisions.add_metric([str(action), rule, database], n)
         yield decisions
         yield stats.statements.family("dbguard_statement_duration_seconds",
                                       "time from forwarding a statement to its last response from the server")

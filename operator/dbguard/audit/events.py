@@ -47,6 +47,8 @@ class EventSink:
     def __init__(self, stream: IO[bytes], ledger: Any = None) -> None:
         self._stream = stream
         self.ledger = ledger  # the audit ledger (audit.writer.LedgerWriter over SQLite or PostgreSQL) or None
+        # Anything reads the events: with --events none and no ledger the statement path skips building them.
+        self.active = stream is not None or ledger is not None
         self._buf: list[bytes] = []
         self.emitted = 0
 

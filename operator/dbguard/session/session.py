@@ -1008,7 +1008,12 @@ class ClientSession(asyncio.Protocol):
         refusal = verdict.refusal
         counts = self.proxy.stats.decisions
         for d in verdict.decisions:
-            counts[(d.enforced.value, d.rule)] += 1
+            counts[(d.enforced, d.rule)] += 1  # the enum itself: .value costs a lookup per statement
+        if not self.proxy.events.active:  # --events none and no ledger: nothing would read the entry
+            self._stmt_no += 1
+            self._decided = (self._stmt_no, None)
+            self._approval_note = b""
+            return None
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
         key = (id(verdict.judged), *map(id, verdict.decisions))
         memo = _SHAPE_MEMO.get(key)
@@ -1071,6 +1076,8 @@ class ClientSession(asyncio.Protocol):
                 self._executes_sent.discard(p.stmt)
                 self.proxy.approvals.finished(self._approved_stmts.pop(p.stmt), rows_from_tags(p.tags),
                                               f"{p.error[0]}: {p.error[1]}" if p.error else None)
+            if not self.proxy.events.active:
+                continue
             completion = b'"completion":' + p.json()
             if p.deferred is not None:
                 self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion,
