@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import uuid
 import pytest
 
 from tests.fix_kube import KubePlane
-from tests.fix_postgres import free_port, wait_until
+from tests.fix_postgres import free_port, stop_process, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRDS = ("guardrailpolicies", "databaseaccesses", "approvalrequests")
@@ -66,13 +65,7 @@ class Operator:
         return r.returncode == 0 and str(self.port) in r.stdout
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:

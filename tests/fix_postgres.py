@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -139,6 +140,18 @@ def pg(postgres: Postgres, request: pytest.FixtureRequest) -> Postgres:
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         print("---- PostgreSQL log (tail) ----\n" + postgres.log_tail())
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM (the graceful path the code under test must handle), then SIGKILL if it hangs."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001, ANN201

@@ -6,14 +6,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.fix_postgres import APP_PASSWORD, Postgres, free_port, wait_until
+from tests.fix_postgres import APP_PASSWORD, Postgres, free_port, stop_process, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = ROOT / "examples" / "policy.yaml"
@@ -48,13 +47,7 @@ class Proxy:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 def _listening(port: int) -> bool:

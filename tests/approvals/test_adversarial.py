@@ -11,15 +11,34 @@ import psycopg
 import pytest
 
 from dbguard.approvals.local import LocalStore
-from tests.approvals import rawpg as R
+from dbguard.pgwire import messages as m
 from tests.fix_postgres import Postgres
 from tests.fix_proxy import EXAMPLE_MASKING, TOKENS, Proxy, start_proxy
+from tests.hostile import wire
 
 
 def approve(store, name: str) -> None:  # noqa: ANN001
     r = subprocess.run([sys.executable, "-m", "dbguard", "approve", name, "--store", str(store), "--as", "bob",
                         "--group", "dba", "--reason", "ok"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def raw(proxy: Proxy) -> wire.Client:
+    c = wire.Client(proxy.port)
+    c.login("alice", TOKENS["alice"])
+    return c
+
+
+def outcome(replies: list[tuple[str, bytes]]) -> list[tuple[str, ...]]:
+    """('E', sqlstate, message) for errors, ('C', tag) for completions, in order."""
+    out: list[tuple[str, ...]] = []
+    for t, p in replies:
+        if t == "E":
+            f = m.decode_error_fields(p)
+            out.append(("E", f.get("C", ""), f.get("M", "")))
+        elif t == "C":
+            out.append(("C", p[:-1].decode()))
+    return out
 
 
 def request_name(text: str) -> str:
@@ -45,10 +64,10 @@ def px(pg: Postgres, tmp_path, store) -> Proxy:  # noqa: ANN001
 
 
 def test_the_row_estimate_never_runs_a_smuggled_statement(pg: Postgres, px: Proxy, store) -> None:  # noqa: ANN001
-    c = R.Raw(px.port, "alice", TOKENS["alice"])
-    c.send(R.query("UPDATE customers SET balance = balance + 1 WHERE id = 1; COMMIT; "
+    c = raw(px)
+    c.send(m.encode_query("UPDATE customers SET balance = balance + 1 WHERE id = 1; COMMIT; "
                    "UPDATE customers SET balance = 0 WHERE id = 2"))
-    out = R.errors(c.until_ready())
+    out = outcome(c.until_ready())
     assert out[-1][1] == "42501" and "pending" in out[-1][2]
     assert balance(pg, 2) == "250.50" and balance(pg, 1) == "100.00"
     (request,) = LocalStore(store).list_sync()
@@ -57,13 +76,13 @@ def test_the_row_estimate_never_runs_a_smuggled_statement(pg: Postgres, px: Prox
 
 def test_a_binary_bool_is_not_shown_as_something_else(pg: Postgres, px: Proxy, store) -> None:  # noqa: ANN001
     sql = "UPDATE customers SET balance = balance + CASE WHEN $1 THEN 1000 ELSE 0 END WHERE id = 1"
-    c = R.Raw(px.port, "alice", TOKENS["alice"])
-    c.send(R.parse("", sql, (16,)) + R.bind("", "", [b"false"], [0]) + R.execute("") + R.SYNC)
-    name = request_name(R.errors(c.until_ready())[-1][2])
+    c = raw(px)
+    c.send(wire.parse("", sql, (16,)) + wire.bind("", "", (b"false",), (0,)) + wire.execute("") + wire.SYNC)
+    name = request_name(outcome(c.until_ready())[-1][2])
     approve(store, name)
     # PostgreSQL reads any non-zero byte as true; the approval was for text 'false'.
-    c.send(R.parse("", sql, (16,)) + R.bind("", "", [b"\x02"], [1]) + R.execute("") + R.SYNC)
-    out = R.errors(c.until_ready())
+    c.send(wire.parse("", sql, (16,)) + wire.bind("", "", (b"\x02",), (1,)) + wire.execute("") + wire.SYNC)
+    out = outcome(c.until_ready())
     assert out[-1][1] == "42501" and request_name(out[-1][2]) != name
     requests = {r.name: r.spec for r in LocalStore(store).list_sync()}
     other = next(spec for n, spec in requests.items() if n != name)
@@ -74,11 +93,11 @@ def test_a_binary_bool_is_not_shown_as_something_else(pg: Postgres, px: Proxy, s
 def test_text_and_binary_parameters_that_look_alike_are_different_requests(pg: Postgres, px: Proxy,
                                                                              store) -> None:  # noqa: ANN001
     sql = "UPDATE customers SET balance = balance + 0, name = $1 WHERE id = 1"
-    c = R.Raw(px.port, "alice", TOKENS["alice"])
-    c.send(R.parse("", sql) + R.bind("", "", [b"\\x61646d696e"], [0]) + R.execute("") + R.SYNC)
-    approve(store, request_name(R.errors(c.until_ready())[-1][2]))
-    c.send(R.parse("", sql) + R.bind("", "", [b"admin"], [1]) + R.execute("") + R.SYNC)
-    assert R.errors(c.until_ready())[-1][1] == "42501"
+    c = raw(px)
+    c.send(wire.parse("", sql) + wire.bind("", "", (b"\\x61646d696e",), (0,)) + wire.execute("") + wire.SYNC)
+    approve(store, request_name(outcome(c.until_ready())[-1][2]))
+    c.send(wire.parse("", sql) + wire.bind("", "", (b"admin",), (1,)) + wire.execute("") + wire.SYNC)
+    assert outcome(c.until_ready())[-1][1] == "42501"
     assert pg.psql("SELECT name FROM customers WHERE id = 1").strip() == "Ada"
 
 
@@ -124,11 +143,11 @@ def test_a_statement_masking_refuses_does_not_use_up_an_approval(pg: Postgres, t
 
 def test_a_second_bind_in_the_same_batch_never_runs_twice(pg: Postgres, px: Proxy, store) -> None:  # noqa: ANN001
     sql = "UPDATE customers SET balance = balance + 10 WHERE id = 1"
-    c = R.Raw(px.port, "alice", TOKENS["alice"])
-    c.send(R.parse("s1", sql) + R.bind("", "s1") + R.execute("") + R.SYNC)
-    approve(store, request_name(R.errors(c.until_ready())[-1][2]))
-    c.send(R.bind("a", "s1") + R.bind("b", "s1") + R.execute("a") + R.execute("b") + R.SYNC)
-    out = R.errors(c.until_ready())
+    c = raw(px)
+    c.send(wire.parse("s1", sql) + wire.bind("", "s1") + wire.execute("") + wire.SYNC)
+    approve(store, request_name(outcome(c.until_ready())[-1][2]))
+    c.send(wire.bind("a", "s1") + wire.bind("b", "s1") + wire.execute("a") + wire.execute("b") + wire.SYNC)
+    out = outcome(c.until_ready())
     # The second Bind needs a new approval; its refusal ends the batch, so nothing in it ran.
     assert [e[1] for e in out if e[0] == "E"] == ["42501"] and not any(e[0] == "C" for e in out)
     assert balance(pg) == "100.00"

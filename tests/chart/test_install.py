@@ -15,7 +15,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import yaml
 
 from tests.chart.conftest import CHART, NAMESPACE, RELEASE, ROOT, Helm
 from tests.fix_kube import KubePlane, start_plane
-from tests.fix_postgres import free_port, wait_until
+from tests.fix_postgres import free_port, stop_process, wait_until
 
 SA = f"system:serviceaccount:{NAMESPACE}:dbguard"
 POLICY = (ROOT / "examples" / "policy.yaml").read_text()
@@ -240,13 +239,7 @@ class ServiceAccountOperator:
         return healthy and hooks.returncode == 0 and f":{self.port}/" in hooks.stdout
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:

@@ -15,12 +15,14 @@ def frame(code: bytes, payload: bytes) -> bytes:
     return code + struct.pack("!i", len(payload) + 4) + payload
 
 
-def parse(name: str, sql: str) -> bytes:
-    return frame(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
+    return frame(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", len(types))
+                 + b"".join(struct.pack("!I", t) for t in types))
 
 
-def bind(portal: str, statement: str, params: tuple[bytes | None, ...] = ()) -> bytes:
-    body = [portal.encode() + b"\x00", statement.encode() + b"\x00", struct.pack("!hh", 0, len(params))]
+def bind(portal: str, statement: str, params: tuple[bytes | None, ...] = (), formats: tuple[int, ...] = ()) -> bytes:
+    body = [portal.encode() + b"\x00", statement.encode() + b"\x00", struct.pack("!h", len(formats)),
+            b"".join(struct.pack("!h", f) for f in formats), struct.pack("!h", len(params))]
     body += [struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p for p in params]
     body.append(struct.pack("!h", 0))
     return frame(b"B", b"".join(body))
