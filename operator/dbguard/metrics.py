@@ -58,6 +58,7 @@ class ProxyStats:
     connections: int = 0
     masked_rows: int = 0  # DataRows and COPY rows rewritten by masking
     decisions: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (action, rule)
+    policy_outcomes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (policy, outcome)
     statements: Buckets = dataclasses.field(default_factory=lambda: Buckets(STATEMENT_BUCKETS))
 
 
@@ -82,6 +83,12 @@ class ProxyCollector(Collector):
         for (action, rule), n in sorted(stats.decisions.items()):
             decisions.add_metric([str(action), rule, database], n)
         yield decisions
+        outcomes = CounterMetricFamily("dbguard_policy_decisions", "decisions by GuardrailPolicy and what they did "
+                                       "(allow, deny, requireApproval, dryrun, warn): what the operator sums into "
+                                       "each policy's status", labels=["policy", "outcome"])
+        for (policy, outcome), n in sorted(stats.policy_outcomes.items()):
+            outcomes.add_metric([policy, outcome], n)
+        yield outcomes
         yield stats.statements.family("dbguard_statement_duration_seconds",
                                       "time from forwarding a statement to its last response from the server")
         decider = proxy.decider

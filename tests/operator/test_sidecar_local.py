@@ -242,3 +242,29 @@ def test_a_held_statement_is_approved_by_kubectl_patch_and_runs_once(op: Operato
     assert ar["status"]["phase"] == "Executed" and ar["spec"]["approvals"][0]["user"] == "carol"
     table = kube.kubectl("-n", ns, "get", "ar", name).stdout
     assert "Executed" in table
+
+
+def test_policy_status_counts_the_decisions_of_running_proxies(op: Operator, sidecar: Kubelet) -> None:
+    ns, kube = sidecar.ns, op.kube
+    pod = op.get("pod", ns, "api-1")
+    assert pod["metadata"]["annotations"]["dbguard.io/metrics-port"] == "9187"
+    app_env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    with psycopg.connect(app_env["DATABASE_URL"].replace("127.0.0.1:6432", f"127.0.0.1:{sidecar.port}"),
+                         autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("SELECT count(*) FROM orders")
+        for _ in range(2):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM orders")
+    # No kubelet here: give the pod the address a kubelet would report, and the port the local sidecar uses.
+    kube.kubectl("-n", ns, "annotate", "pod", "api-1", "--overwrite",
+                 f"dbguard.io/metrics-port={sidecar.metrics_port}")
+    kube.kubectl("-n", ns, "patch", "pod", "api-1", "--subresource", "status", "--type", "merge",
+                 "-p", json.dumps({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}))
+
+    def counted() -> dict | None:
+        decisions = (op.get("gp", ns, "shop-guardrails").get("status") or {}).get("decisions") or {}
+        return decisions if decisions.get("deny", 0) >= 2 else None
+
+    decisions = wait_until(counted, timeout=60, interval=1, what="decision counts in the policy's status")
+    assert decisions["deny"] == 2 and decisions["allow"] >= 3 and decisions["requireApproval"] == 0

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from dbguard.approvals import decisions as approvals
 from dbguard.approvals import notify
 from dbguard.controller import access as access_mod
-from dbguard.controller import certs, inject, metrics, policies, webhook_config
+from dbguard.controller import certs, decision_counts, inject, metrics, policies, webhook_config
 from dbguard.controller.conditions import set_condition
 from dbguard.controller.kube import get_or_none
 from dbguard.controller.settings import ACCESS_LABEL, GROUP, VERSION
@@ -159,6 +159,15 @@ def reconcile_policy(body: kopf.Body, patch: kopf.Patch, namespace: str, name: s
     # The accesses that use the policy see the new revision (or that it broke) now, not at their timer.
     for a in access_mod.referring(api(), namespace, name):
         access_mod.refresh(api(), a)
+
+
+@kopf.timer(GROUP, VERSION, "guardrailpolicies", interval=15, initial_delay=5, idle=None)
+def count_decisions(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **_: Any) -> None:
+    """status.decisions: the sum of the counters of the proxies that enforce this policy now."""
+    accesses = access_mod.referring(api(), namespace, name)
+    totals, read = decision_counts.count(api(), namespace, name, accesses)
+    if read and totals != (body.get("status") or {}).get("decisions"):
+        patch.status["decisions"] = totals
 
 
 # -- DatabaseAccess -----------------------------------------------------------------------------------

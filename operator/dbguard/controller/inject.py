@@ -185,6 +185,7 @@ def inject(pod: dict[str, Any], access: dict[str, Any], *, image: str, revision:
     for c in new_containers:
         _set_env(c, local)
     annotations["dbguard.io/injected"] = revision or "unknown"
+    annotations["dbguard.io/metrics-port"] = str(METRICS_PORT)  # where the operator reads decision counts
     annotations["dbguard.io/access"] = access["metadata"]["name"]
     # The sidecar goes first: native sidecars start in order, before the app's own init containers.
     return {

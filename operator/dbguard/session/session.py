@@ -41,7 +41,7 @@ from dbguard.masking.strategies import redact_detail
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
 from dbguard.pgwire.backend import HOLD
-from dbguard.policy.decision import Decision
+from dbguard.policy.decision import Decision, PolicyAction
 from dbguard.session import upstream
 from dbguard.session.completions import CompletionTracker, Pending, redact_message
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
@@ -75,6 +75,18 @@ def _keepalive(sock: Any) -> None:
         for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _outcome(d: Decision) -> str:
+    """What a decision did, as GuardrailPolicy status counts it: allow, deny, requireApproval, or
+    dryrun / warn for a rule that would have stopped the statement under that enforcement."""
+    if d.enforced is PolicyAction.DENY:
+        return "deny"
+    if d.enforced is PolicyAction.REQUIRE_APPROVAL:
+        return "requireApproval"
+    if d.action is not PolicyAction.ALLOW:
+        return d.enforcement.value
+    return "allow"
 
 
 HOLD_INPUT_LIMIT = 1 << 20  # bytes a client may send while a statement of its waits for an approval
@@ -1007,8 +1019,10 @@ class ClientSession(asyncio.Protocol):
                        now: datetime.datetime) -> Waiter | None:
         refusal = verdict.refusal
         counts = self.proxy.stats.decisions
+        by_policy = self.proxy.stats.policy_outcomes
         for d in verdict.decisions:
             counts[(d.enforced, d.rule)] += 1  # the enum itself: .value costs a lookup per statement
+            by_policy[(d.policy, _outcome(d))] += 1
         if not self.proxy.events.active:  # --events none and no ledger: nothing would read the entry
             self._stmt_no += 1
             self._decided = (self._stmt_no, None)
