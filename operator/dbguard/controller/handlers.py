@@ -332,7 +332,10 @@ async def expire_approval(body: kopf.Body, namespace: str, name: str, stopped: k
         return
     new = _approval_status(kopf.Body(current), datetime.datetime.now(datetime.UTC))
     if new is not None:
-        await asyncio.to_thread(custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
-                                "approvalrequests", name, {"status": new})
-        metrics.approval_phase(new["phase"])
-        _notify_decided(current, new)
+        def expire() -> None:  # in one thread: the write ends this daemon, whose task kopf then cancels
+            custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "approvalrequests", name,
+                                                         {"status": new})
+            metrics.approval_phase(new["phase"])
+            _notify_decided(current, new)
+
+        await asyncio.to_thread(expire)
