@@ -11,11 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import psycopg
 import pytest
 
-from tests.fix_postgres import Postgres, wait_until
+from tests.fix_postgres import Postgres, free_port, wait_until
 from tests.fix_proxy import EXAMPLE_POLICY, Proxy, start_proxy
 
 UPDATE = "UPDATE customers SET balance = balance + 10 WHERE id = 1"
@@ -186,7 +187,8 @@ def test_no_replay_after_a_restart_and_one_winner_among_racing_proxies(pg: Postg
 
 
 def test_hold_mode_waits_and_runs_when_approved(pg: Postgres, tmp_path: pathlib.Path, store: pathlib.Path) -> None:
-    proxy = start_proxy(pg, tmp_path, "--approvals", str(store),
+    metrics_port = free_port()
+    proxy = start_proxy(pg, tmp_path, "--approvals", str(store), "--metrics-listen", f"127.0.0.1:{metrics_port}",
                         policy=policy_with(tmp_path, mode="hold\n        timeout: 30s"))
     notices: list[str] = []
     outcome: dict[str, object] = {}
@@ -205,6 +207,8 @@ def test_hold_mode_waits_and_runs_when_approved(pg: Postgres, tmp_path: pathlib.
         name = request_name(Exception(notices[0]))
         assert "held for approval" in notices[0] and "dbguard approve" in notices[0]
         assert worker.is_alive() and balance(pg) == "100.00"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert "dbguard_approvals_held 1.0" in r.read().decode()
         time.sleep(0.5)
         assert dbguard("approve", name, "--store", str(store), "--as", "bob", "--group", "dba",
                        "--reason", "CHG-7").returncode == 0

@@ -149,7 +149,8 @@ class ClientSession(asyncio.Protocol):
         self._param_types: dict[str, tuple[int, ...]] = {}
         self._approved_stmts: dict[int, str] = {}  # statement number -> request, until its completion
         self._executes_sent: set[int] = set()  # approved statements whose Execute went to the server
-        self._hold_cancel: asyncio.Event | None = None  # set while a statement waits for a decision
+        self._hold_cancel: asyncio.Event | None = None  # set while a held statement's approval is resolved
+        self._awaiting_decision = False  # a statement waits for a decision now (hold mode; the metrics gauge)
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -937,7 +938,8 @@ class ClientSession(asyncio.Protocol):
             statement = "".join(f"/* dbguard: prepared earlier: {b} */\n" for b in bodies) + statement
         self._hold_cancel = asyncio.Event()
 
-        def notice(text: str) -> None:
+        def notice(text: str) -> None:  # hold mode only: the statement now waits for a decision
+            self._awaiting_decision = True
             self._send(m.encode_error(sqlstate="01000", message=text, severity="NOTICE", notice=True))
 
         if self.transport is not None:
@@ -962,6 +964,7 @@ class ClientSession(asyncio.Protocol):
                         f"reached ({type(exc).__name__})"))
         finally:
             self._hold_cancel = None
+            self._awaiting_decision = False
             if self.transport is not None and self.state not in ("closed", "gone"):
                 self.transport.pause_reading()  # still busy until this step ends
         if outcome.run and self.state in ("closed", "gone"):
@@ -976,8 +979,8 @@ class ClientSession(asyncio.Protocol):
                                                             message=outcome.message, hint=outcome.hint))
 
     def holding(self) -> bool:
-        """A statement of this session waits for an approval now."""
-        return self._hold_cancel is not None
+        """A statement of this session waits for an approval now (hold mode)."""
+        return self._awaiting_decision
 
     def cancel_hold(self) -> bool:
         """A cancel request while a statement waits for approval ends the wait."""
