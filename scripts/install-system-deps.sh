@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what dbguard's demo, tests and benchmarks need from Debian's packages, if missing:
-# PostgreSQL (server, client, pgbench), PgBouncer (benchmark comparison), openssl, shellcheck.
+# PostgreSQL (server, client, pgbench), PgBouncer (benchmark comparison), openssl, ss (iproute2), shellcheck.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql postgresql-contrib)
@@ -10,6 +10,7 @@ command -v pgbouncer >/dev/null || need+=(pgbouncer)
 command -v openssl >/dev/null || need+=(openssl)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v ss >/dev/null || need+=(iproute2)
 if ((${#need[@]})); then
   echo "installing system packages: ${need[*]}"
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"

@@ -8,7 +8,6 @@ keepalive on client connections once logged in (see the xfail test at the end).
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -157,7 +156,6 @@ def test_a_client_that_stops_reading_holds_the_server_back_instead_of_filling_pr
     assert wire.one_query(slow_proxy.port)[-1][0] == "Z"
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read socket timers")
 def test_logged_in_client_connections_have_tcp_keepalive(slow_proxy: Proxy):
     c = wire.Client(slow_proxy.port)
     c.login()

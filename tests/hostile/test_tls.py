@@ -7,7 +7,6 @@ Such bytes must be refused or fed to the TLS layer (where they fail), never proc
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -149,7 +148,6 @@ def test_a_tls_1_0_or_1_1_client_is_refused(tls, version: ssl.TLSVersion):
         assert tls_sock.version() == "TLSv1.2"
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line tool")
 def test_client_initiated_renegotiation_is_refused(tls):
     proxy, files = tls
     # openssl s_client speaks the SSLRequest preamble itself (-starttls postgres); "R" renegotiates.

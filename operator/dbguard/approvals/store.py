@@ -62,13 +62,19 @@ def _float(value: float) -> str:
     return repr(value)
 
 
+def expand_formats(formats: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """A Bind's format codes, one per parameter (none: all text; one: the same for all)."""
+    if len(formats) == 1:
+        return formats * count
+    return formats or (0,) * count
+
+
 def params_as_text(params: tuple[bytes | None, ...], formats: tuple[int, ...],
                    types: tuple[int, ...] = ()) -> tuple[str | None, ...]:
     """Bind parameters as an approver reads them: text as sent, binary decoded by the Parse type
     where dbguard knows the type, else as \\x hex (the form bytea uses); NULL as None."""
     out: list[str | None] = []
-    for i, p in enumerate(params):
-        fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
+    for i, (p, fmt) in enumerate(zip(params, expand_formats(formats, len(params)), strict=False)):
         if p is None:
             out.append(None)
         elif fmt == 1:

@@ -27,7 +27,7 @@ import psycopg
 
 from dbguard.analyze import facts as F
 from dbguard.approvals.flow import approval_decision, mixed_rules, rows_from_tags
-from dbguard.approvals.store import params_as_text
+from dbguard.approvals.store import expand_formats, params_as_text
 from dbguard.audit.events import EventKind, iso_time
 from dbguard.audit.writer import LedgerUnavailable, Waiter
 from dbguard.errors import Refusal
@@ -867,19 +867,19 @@ class ClientSession(asyncio.Protocol):
                           now: datetime.datetime, sql: str = "") -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        held = verdict.refusal is not None and self._approval_for(verdict) is not None
+        held = self._approval_for(verdict) if verdict.refusal is not None else None
         if verdict.refusal is not None and self.proxy.approvals is not None and mixed_rules(verdict.decisions):
             verdict = dataclasses.replace(verdict, refusal=dataclasses.replace(
                 verdict.refusal, hint="these statements need approvals under different rules: send them one "
                                       "at a time, and each gets its own approval request"))
-        if (held or verdict.refusal is None) and self.mask_set is not None:
+        if (held is not None or verdict.refusal is None) and self.mask_set is not None:
             # Before any approval is claimed: a statement masking refuses must not use one up.
             refusal = await self._mask_check(sql)  # the text itself: $$ bodies and COPY options matter
             if refusal is not None:
                 await self._refuse_and_log_now(refusal, self.proxy.facts_cache.recorded_text(normalized), sync=True)
                 return
-        if held:
-            verdict = await self._approve(verdict, sql, ())
+        if held is not None:
+            verdict = await self._approve(verdict, held, sql, ())
         future = self._emit_decision(verdict, self.proxy.facts_cache.recorded_text(normalized), "simple", now)
         await self._await_commit(future, lambda failed: self._finish_query(msg, verdict, failed))
 
@@ -926,11 +926,10 @@ class ClientSession(asyncio.Protocol):
             return None
         return approval_decision(verdict.decisions)
 
-    async def _approve(self, verdict: Verdict, statement: str, params: tuple[str | None, ...], *,
-                       formats: tuple[int, ...] = (), types: tuple[int, ...] = ()) -> Verdict:
-        """Resolve a held statement: run it under a claimed approval, or refuse naming the request."""
-        decision = self._approval_for(verdict)
-        assert decision is not None and self.principal is not None
+    async def _approve(self, verdict: Verdict, decision: Decision, statement: str, params: tuple[str | None, ...],
+                       *, formats: tuple[int, ...] = (), types: tuple[int, ...] = ()) -> Verdict:
+        """Resolve a statement ``decision`` holds: run it under a claimed approval, or refuse naming the request."""
+        assert self.principal is not None and self.proxy.approvals is not None
         # SQL-level EXECUTE runs a body prepared earlier: the request (and its fingerprint) must carry
         # that body, or an approval of "EXECUTE p" would run whatever p means later.
         bodies = [f.text for f in verdict.judged if f not in verdict.statements]
@@ -1156,20 +1155,19 @@ class ClientSession(asyncio.Protocol):
     async def _bind_slow(self, msg: m.Bind, statements: tuple[F.StatementFacts, ...], now: datetime.datetime) -> None:
         assert self.guard is not None
         verdict = await self.guard.judge(statements, now)
-        held = verdict.refusal is not None and self._approval_for(verdict) is not None
+        held = self._approval_for(verdict) if verdict.refusal is not None else None
         text = statements[0].text if len(statements) == 1 else " ; ".join(f.text for f in statements)
-        if (held or verdict.refusal is None) and self.mask_set is not None:
+        if (held is not None or verdict.refusal is None) and self.mask_set is not None:
             refusal = await self._mask_check(text, portal=msg.portal)  # before any approval is claimed
             if refusal is not None:
                 self._portals.pop(msg.portal, None)
                 await self._refuse_and_log_now(refusal, self.proxy.facts_cache.recorded_text(text), sync=False)
                 return
-        if held:
+        if held is not None:
             types = self._param_types.get(msg.statement, ())
-            formats = (msg.param_formats * len(msg.params) if len(msg.param_formats) == 1
-                       else msg.param_formats or (0,) * len(msg.params))
-            verdict = await self._approve(verdict, text, params_as_text(msg.params, msg.param_formats, types),
-                                          formats=tuple(formats), types=tuple(types[:len(msg.params)]))
+            verdict = await self._approve(verdict, held, text, params_as_text(msg.params, msg.param_formats, types),
+                                          formats=expand_formats(msg.param_formats, len(msg.params)),
+                                          types=tuple(types[:len(msg.params)]))
             if verdict.refusal is not None:
                 self._discard_until_sync = True
         await self._await_commit(self._emit_bind_decision(verdict, now),
