@@ -6,6 +6,7 @@ cluster lives in a temporary directory with fsync off; its log is printed when a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -121,15 +123,22 @@ def reset_schema(pg: Postgres) -> None:
             "SET ROLE app;" + SCHEMA)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Postgres:
-    base = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-pg-"))
-    pg = start_postgres(base)
+@contextlib.contextmanager
+def throwaway_postgres(prefix: str, start: Callable[[pathlib.Path], Postgres] | None = None) -> Iterator[Postgres]:
+    """A PostgreSQL cluster in a fresh temporary directory, removed with it afterwards."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    pg = (start or start_postgres)(base)
     try:
         yield pg
     finally:
         stop_postgres(pg)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with throwaway_postgres("dbguard-pg-") as pg:
+        yield pg
 
 
 @pytest.fixture

@@ -8,26 +8,20 @@ server mid-transaction, so they get a dedicated cluster (max_connections = 1100,
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
+from collections.abc import Iterator
 
 import pytest
 
-from tests.fix_postgres import Postgres, reset_schema, stop_postgres
+from tests.fix_postgres import Postgres, reset_schema, throwaway_postgres
 from tests.reliability.harness import keygen, start_big_postgres
 
 SOAK_ROWS = 1000
 
 
 @pytest.fixture(scope="package")
-def big_postgres() -> Postgres:
-    base = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-reliability-pg-"))
-    pg = start_big_postgres(base)
-    try:
+def big_postgres() -> Iterator[Postgres]:
+    with throwaway_postgres("dbguard-reliability-pg-", start_big_postgres) as pg:
         yield pg
-    finally:
-        stop_postgres(pg)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
