@@ -121,6 +121,9 @@ class LedgerSettings:
     chain: str = ""  # this proxy's chain name; "" = HOST:PORT
     signing_key: str = ""  # Ed25519 private key (PEM) for signed checkpoints; "" = unsigned
     synchronous: str = "NORMAL"  # NORMAL: survives a killed process; FULL: also power loss
+    row_evidence: str = ""  # "" off; "on": logical decoding with the upstream credentials; or a postgresql:// URL
+    row_evidence_slot: str = ""  # "" = dbguard_<hash of the chain>
+    row_evidence_interval: float = 0.2  # seconds decoded changes may wait to be recorded together
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)

@@ -219,6 +219,9 @@ BAD = [
      'spec.rules[0].action: Unsupported value: "deny-all"'),
     ("strategy-scramble", bad_policy({"masking": [{"columns": ["customers.ssn"], "strategy": "scramble"}]}),
      'spec.masking[0].strategy: Unsupported value: "scramble"'),
+    ("audit-rows-two-parts", bad_policy({"audit": {"rows": ["customers.balance"]}}), "spec.audit.rows[0]"),
+    ("audit-rows-empty", bad_policy({"audit": {"rows": []}}), "spec.audit.rows"),
+    ("audit-typo", bad_policy({"audit": {"row": ["public.customers.balance"]}}), 'unknown field "spec.audit.row"'),
     ("column-a.b.c.d", bad_policy({"masking": [{"columns": ["a.b.c.d"], "strategy": "redact"}]}),
      'spec.masking[0].columns[0]: Invalid value: "a.b.c.d"'),
     ("match-column-double-dot", bad_policy(deny({"columns": ["customers..balance"]})),
@@ -315,6 +318,7 @@ GOOD = [
                                "identities": {"users": ["alice"], "groups": ["dba"], "notGroups": ["oncall"]}})),
     ("approval-full", approval(minApprovals=10, ttl="2d", mode="hold", timeout="30s")),
     ("fromComments", {"masking": [{"fromComments": True, "except": {"groups": ["fraud"]}}]}),
+    ("audit-rows", {"audit": {"rows": ["public.customers.balance", '"Shop"."Order Lines".*']}}),
     ("hash-options", {"masking": [{"columns": ["*.email"], "strategy": "hash", "options": {"length": 8, "prefix": "x:"},
                                    "identities": {"groups": ["ai-agents"]}, "fromComments": False}]}),
 ]

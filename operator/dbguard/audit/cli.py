@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--rule", default="")
     s.add_argument("--session", default="")
     s.add_argument("--fingerprint", default="")
-    s.add_argument("--kind", default="", choices=("", "decision", "refusal", "connection", "disconnect"))
+    s.add_argument("--kind", default="", choices=("", "decision", "refusal", "connection", "disconnect", "completion",
+                                                  "approval", "policy", "rows"),
+                   help="entries of one kind; rows: row-level evidence, including changes made around dbguard")
     s.add_argument("--limit", type=int, default=1000)
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(audit_func=run_search)

@@ -24,6 +24,7 @@ class EventKind(str, enum.Enum):
     COMPLETION = "completion"  # what became of a forwarded write: rows affected, duration, error
     POLICY = "policy"  # a policy revision came into force, or a changed policy failed to load
     APPROVAL = "approval"  # an approval request was created, or an approved statement is about to run
+    ROWS = "rows"  # row-level evidence: the rows a statement changed in watched columns (audit.row_evidence)
 
     def __str__(self) -> str:
         return self.value

@@ -22,7 +22,7 @@ class Query:
     rule: str = ""
     session: str = ""
     fingerprint: str = ""
-    kind: str = ""  # decision | refusal | connection | disconnect
+    kind: str = ""  # decision | refusal | connection | disconnect | rows | ...
     limit: int = 1000
 
 
@@ -145,6 +145,12 @@ def _expand(conn: Any, chain: str, seq: int, data: bytes, q: Query) -> list[dict
                             (event.get("session", ""), event["stmt"])).fetchone()
         if done:
             event["completion"] = orjson.loads(done[0]).get("completion")
+    if event.get("kind") == "decision" and event.get("stmt"):
+        # Row-level evidence (audit.row_evidence): the rows the statement changed, once committed.
+        changed = conn.execute("SELECT data FROM entries WHERE session = ? AND stmt = ? AND kind = 'rows' "
+                               "ORDER BY time", (event.get("session", ""), event["stmt"])).fetchall()
+        if changed:
+            event["row_changes"] = [c for (data,) in changed for c in orjson.loads(data).get("changes") or ()]
     return [event]
 
 
@@ -207,6 +213,36 @@ def format_table(events: list[dict[str, Any]]) -> str:
         rows.append((e.get("time", "")[:26].replace("T", " "), who, decision, rule, approval or "-", n, result,
                      e.get("statement", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    lines = []
+    for r, e in zip(rows, [None, *events], strict=True):
+        lines.append("  ".join(f"{cell:<{w}}" for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+        for change in (e or {}).get("row_changes") or (e or {}).get("changes") or ():
+            lines.append("    " + format_change(change))
     lines.append(f"({len(events)} entr{'y' if len(events) == 1 else 'ies'})")
     return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, dict):
+        return "(unchanged)"
+    return str(value)
+
+
+def format_change(change: dict[str, Any]) -> str:
+    """``public.customers id=1: balance 100.00 -> 110.00`` for one changed row."""
+    key = " ".join(f"{k}={_show(v)}" for k, v in (change.get("key") or {}).items())
+    head = f"{change.get('table', '')} {key}".strip()
+    op = change.get("op", "")
+    old, new = change.get("old"), change.get("new")
+    if op == "TRUNCATE":
+        return f"{head}: TRUNCATE (every row)"
+    if op == "INSERT":
+        return f"{head}: INSERT " + ", ".join(f"{c}={_show(v)}" for c, v in (new or {}).items())
+    if op == "DELETE":
+        return f"{head}: DELETE " + ", ".join(f"{c}={_show(v)}" for c, v in (old or {}).items())
+    if old is None:  # REPLICA IDENTITY not FULL: the old values were not decoded
+        return f"{head}: " + ", ".join(f"{c} ? -> {_show(v)}" for c, v in (new or {}).items())
+    return f"{head}: " + ", ".join(f"{c} {_show(old.get(c))} -> {_show(v)}" for c, v in (new or {}).items()
+                                   if old.get(c) != v) or f"{head}: (no watched column changed)"

@@ -110,6 +110,14 @@ class MaskPolicy:
     def __bool__(self) -> bool:
         return bool(self._patterns)
 
+    def strictest(self, schema: str, table: str, column: str) -> ColumnMask | None:
+        """The first rule that masks this column for anyone, whatever their groups: how copies kept
+        for auditors (the ledger's row evidence) show the column."""
+        for p in self._patterns:
+            if not p.rule.from_comments and p.matches(schema, table, column, None):
+                return ColumnMask(p.rule.strategy, tuple(sorted(p.rule.options.items())), p.name)
+        return None
+
     def for_groups(self, groups: Sequence[str]) -> MaskSet:
         key = frozenset(groups)
         found = self._cache.get(key)

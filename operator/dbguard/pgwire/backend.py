@@ -64,19 +64,33 @@ WatchCallback = Callable[[int, bytes], "bytes | None"]
 class BackendRelay:
     """Frames server output on its way to the client; see the module docstring."""
 
-    __slots__ = ("_max", "_on_watched", "_pending", "_skip", "_watched")
+    __slots__ = ("_base", "_max", "_on_watched", "_pending", "_skip", "_watched")
 
     def __init__(self, on_watched: WatchCallback) -> None:
         self._on_watched = on_watched
-        self._watched = WATCHED
+        self._watched = self._base = WATCHED
         self._max = MAX_BACKEND_CONTROL_MESSAGE
         self._pending = b""  # an incomplete watched message (or header) held back
         self._skip = 0  # bytes of a pass-through message still to come
 
     def watch_rows(self) -> None:
         """Also hand over RowDescription, NoData, DataRow and COPY OUT messages (whole): for masking."""
-        self._watched = WATCHED | frozenset(b"TnDHdc")  # and COPY OUT: CopyOutResponse, CopyData, CopyDone
+        self._watched = self._base = self._base | frozenset(b"TnDHdc")  # and COPY OUT: CopyOutResponse, ...
         self._max = MAX_DATA_ROW
+
+    def watch_also(self, types: bytes, *, for_now: bool = False) -> None:
+        """Hand over these message types too: for good, or (``for_now``) until ``watch_less``."""
+        self._watched = self._watched | frozenset(types)
+        if not for_now:
+            self._base = self._base | frozenset(types)
+        if 0x44 in self._watched:
+            self._max = MAX_DATA_ROW
+
+    def watch_less(self) -> None:
+        """Back to the types watched for good."""
+        self._watched = self._base
+        if 0x44 not in self._watched:
+            self._max = MAX_BACKEND_CONTROL_MESSAGE
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes to send to the client now."""

@@ -23,6 +23,7 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"[^"]+")'
 _TABLE = re.compile(rf"^(?:\*|{_IDENT})(?:\.(?:\*|{_IDENT}))?$")
 _COLUMN = re.compile(rf"^(?:(?:\*|{_IDENT})\.){{0,2}}{_IDENT}$")
+_AUDITED_COLUMN = re.compile(rf"^{_IDENT}\.{_IDENT}\.(?:\*|{_IDENT})$")  # schema.table.column, no wildcards but *
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])|24:00")  # fullmatch: ASCII digits only
 _DURATION = re.compile(r"([0-9]+)(s|m|h|d)")
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -149,6 +150,7 @@ class Policy:
     default_action: PolicyAction = PolicyAction.ALLOW
     rules: tuple[Rule, ...] = ()
     masking: tuple[MaskRule, ...] = ()
+    audit_rows: tuple[str, ...] = ()  # spec.audit.rows: "schema.table.column" / "schema.table.*" (row evidence)
     rego: str = ""
     rego_line: int = 0  # line of the rego: key in the source file, to map Rego errors back
     source: str = ""
@@ -361,7 +363,7 @@ def parse_policy(doc: Any, source: str) -> Policy:
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not _NAME.fullmatch(meta["name"]):
         raise ctx.fail(_line(meta, line), "metadata.name", "required, a lower-case DNS label")
     spec = doc["spec"]
-    _check_keys(ctx, spec, {"enforcementAction", "defaultAction", "rules", "masking", "rego"}, "spec", line)
+    _check_keys(ctx, spec, {"enforcementAction", "defaultAction", "rules", "masking", "audit", "rego"}, "spec", line)
     sline = _line(spec, line)
     enforcement = _enum(ctx, EnforcementAction, spec.get("enforcementAction", "deny"), "spec.enforcementAction", sline)
     default = _enum(ctx, PolicyAction, spec.get("defaultAction", "allow"), "spec.defaultAction", sline)
@@ -380,6 +382,13 @@ def parse_policy(doc: Any, source: str) -> Policy:
     if not isinstance(masking_doc, list):
         raise ctx.fail(sline, "spec.masking", "expected a list")
     masking = tuple(_mask(ctx, m, i, _line(masking_doc, sline)) for i, m in enumerate(masking_doc))
+    audit = spec.get("audit", {})
+    _check_keys(ctx, audit, {"rows"}, "spec.audit", sline)
+    audit_rows = _str_list(ctx, audit["rows"], "spec.audit.rows", _line(audit, sline)) if "rows" in audit else ()
+    for ref in audit_rows:
+        if not _AUDITED_COLUMN.fullmatch(ref):
+            raise ctx.fail(_line(audit, sline), "spec.audit.rows",
+                           f"{ref!r}: expected schema.table.column or schema.table.* (row evidence needs exact tables)")
     rego = spec.get("rego", "")
     if not isinstance(rego, str):
         raise ctx.fail(sline, "spec.rego", "expected a Rego module as a string")
@@ -387,7 +396,7 @@ def parse_policy(doc: Any, source: str) -> Policy:
     if rego:
         rego_line = _find_key_line(doc, "rego")
     return Policy(name=meta["name"], enforcement=enforcement, default_action=default, rules=rules,
-                  masking=masking, rego=rego, rego_line=rego_line, source=source)
+                  masking=masking, audit_rows=audit_rows, rego=rego, rego_line=rego_line, source=source)
 
 
 def _find_key_line(doc: Any, key: str) -> int:

@@ -120,6 +120,46 @@ def build_approvals(settings: ProxySettings, events: EventSink):  # noqa: ANN201
                           upstream=settings.upstream, notifier=notifier)
 
 
+def build_row_evidence(settings: ProxySettings, policies: list[Policy], events: EventSink,
+                       masking: MaskGuard | None):  # noqa: ANN201 - audit.row_evidence.RowEvidence | None
+    """Row-level evidence of the policies' spec.audit.rows, or None (then writes are recorded without it)."""
+    import logging
+
+    from dbguard.config import UpstreamSettings
+
+    watched = sorted({ref for p in policies for ref in p.audit_rows})
+    if not settings.ledger.row_evidence:
+        if watched:
+            logging.getLogger("dbguard.proxy").warning(
+                "policies ask for row evidence on %s, but --row-evidence is off: writes are recorded without the "
+                "rows they changed", ", ".join(watched))
+        return None
+    if not watched:
+        raise ConfigError("--row-evidence: no policy lists columns in spec.audit.rows")
+    from dbguard.audit.row_evidence import RowEvidence
+    from dbguard.masking.strategies import mask_text
+
+    source = settings.ledger.row_evidence
+    if source != "on" and not source.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--row-evidence {source!r}: expected on, off or a postgresql:// URL")
+    upstream = settings.upstream if source == "on" else UpstreamSettings.from_url(source)
+    mask = None
+    if masking is not None:
+        guard = masking
+
+        def mask(schema: str, table: str, column: str):  # noqa: ANN202 - a text -> text function or None
+            found = guard.policy.strictest(schema, table, column)
+            if found is None:
+                return None
+            return lambda text: mask_text(found.strategy, found.opts, text, guard.hash_key) \
+                if found.strategy != "null" else None
+
+    chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
+    return RowEvidence(upstream, chain=chain, watch=watched, events=events,
+                       slot=settings.ledger.row_evidence_slot, interval=settings.ledger.row_evidence_interval,
+                       mask=mask)
+
+
 def build_proxy(settings: ProxySettings) -> Proxy:
     identity = identity_configure.from_settings(settings.identity)  # a workload token is verified here
     from dbguard.policy import spec
@@ -132,4 +172,5 @@ def build_proxy(settings: ProxySettings) -> Proxy:
     proxy = Proxy(settings, decider=decider, events=events, tokens=identity.authenticator, masking=masking,
                   workload=identity.workload)
     proxy.approvals = approvals
+    proxy.row_evidence = build_row_evidence(settings, policies, events, masking)
     return proxy

@@ -140,6 +140,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ed25519 private key that signs checkpoints (dbguard audit keygen)")
     p.add_argument("--ledger-synchronous", default="NORMAL", choices=("NORMAL", "FULL"),
                    help="NORMAL survives a killed proxy; FULL also a power loss (default NORMAL)")
+    p.add_argument("--row-evidence", default="off", metavar="on|off|URL",
+                   help="row-level evidence for the columns policies list in spec.audit.rows: which rows each "
+                        "write changed, old and new values, read from logical decoding (wal_level=logical). "
+                        "on: with the upstream credentials; or a postgresql:// URL (or env:VAR) of a role with "
+                        "REPLICATION. A marker joins each write's transaction; see docs/ledger.md (default off)")
+    p.add_argument("--row-evidence-slot", default="", metavar="NAME",
+                   help="the replication slot this proxy reads (default dbguard_ and a hash of the ledger chain); "
+                        "a slot nobody reads keeps WAL on the server: drop it when the proxy is retired")
+    p.add_argument("--row-evidence-interval", type=float, default=0.2, metavar="SECONDS",
+                   help="how long decoded changes may wait to be recorded together (default 0.2)")
     p.add_argument("--masking-key", default="", metavar="FILE",
                    help="secret key of the hash masking strategy (at least 16 bytes; the same on every proxy)")
     p.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
@@ -246,7 +256,11 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         events=args.events,
         ledger=LedgerSettings(path=_from_env(args.ledger, "--ledger"), chain=args.ledger_chain,
                               signing_key=args.ledger_signing_key,
-                              synchronous=args.ledger_synchronous),
+                              synchronous=args.ledger_synchronous,
+                              row_evidence="" if args.row_evidence == "off" else _from_env(args.row_evidence,
+                                                                                          "--row-evidence"),
+                              row_evidence_slot=args.row_evidence_slot,
+                              row_evidence_interval=args.row_evidence_interval),
         masking_key=args.masking_key,
     )
 
@@ -271,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
             metrics.serve(proxy, *args.metrics_listen)
         import uvloop
         uvloop.run(proxy.serve_forever())
+    except ConfigError as exc:  # found at start: row evidence the server cannot give
+        print(f"dbguard proxy: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"dbguard proxy: cannot listen on {settings.listen.host}:{settings.listen.port}: {exc.strerror}",
               file=sys.stderr)

@@ -54,6 +54,7 @@ class Proxy:
         self.reloader: Any = None
         self.identity_sessions: collections.Counter[str] = collections.Counter()  # authenticated sessions by user
         self.approvals: Any = None  # dbguard.approvals.flow.Approvals when an approval store is configured
+        self.row_evidence: Any = None  # dbguard.audit.row_evidence.RowEvidence with --row-evidence
         self._reload_task: asyncio.Task | None = None
 
     def register_cancel(self, session: ClientSession, server_pid: int, server_key: int) -> tuple[int, int]:
@@ -87,8 +88,12 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
+        if self.row_evidence is not None:  # the slot exists before the first client: no write escapes it
+            await self.row_evidence.setup()  # ConfigError: the server or the role cannot give row evidence
         self.server = await loop.create_server(self._new_session, listen.host, listen.port, reuse_address=True)
         self._flusher = loop.call_later(0.1, self._flush_events)
+        if self.row_evidence is not None:
+            self.row_evidence.start()
         self.events.emit(EventKind.POLICY, {"event": "loaded", "revision": self.decider.revision,
                                             "policies": [p.name for p in self.decider.bundle.policies]}, flush=True)
         if self.settings.policy_reload_interval > 0 and self.settings.policy_files:
@@ -117,6 +122,8 @@ class Proxy:
             self._reload_task.cancel()
         if self.approvals is not None:
             await self.approvals.drain()  # outcomes of approved statements reach their requests
+        if self.row_evidence is not None:
+            await self.row_evidence.stop()  # a last round: what the sessions changed, before the ledger closes
         await asyncio.get_running_loop().run_in_executor(None, self.events.close)  # commits what is queued
         self._stopped.set()
 

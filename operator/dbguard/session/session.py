@@ -45,6 +45,7 @@ from dbguard.policy.decision import Decision, PolicyAction
 from dbguard.session import upstream
 from dbguard.session.completions import CompletionTracker, Pending, redact_message
 from dbguard.session.guard import Guard, Verdict, read_only, refusal_for_analysis_error
+from dbguard.session.rowmarks import RowMarks
 from dbguard.sqlstate import SqlState
 
 if TYPE_CHECKING:
@@ -151,6 +152,10 @@ class ClientSession(asyncio.Protocol):
         self._executes_sent: set[int] = set()  # approved statements whose Execute went to the server
         self._hold_cancel: asyncio.Event | None = None  # set while a held statement's approval is resolved
         self._awaiting_decision = False  # a statement waits for a decision now (hold mode; the metrics gauge)
+        # row evidence (dbguard.session.rowmarks): a marker goes into the transaction before each write
+        self._rowmarks: RowMarks | None = None
+        self._tx_status = "I"  # as of the latest ReadyForQuery
+        self._idle_waiters: list[asyncio.Future[None]] = []  # steps waiting for every round trip to be answered
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -236,6 +241,9 @@ class ClientSession(asyncio.Protocol):
                 self.proxy.events.emit(EventKind.DISCONNECT, {"session": self.session_id, "user": self.principal.user})
             self.state = "gone"
         self.proxy.sessions.discard(self)
+        for waiter in self._idle_waiters:
+            waiter.cancel()
+        self._idle_waiters.clear()
         if self._counted_as:
             held = self.proxy.identity_sessions
             held[self._counted_as] -= 1
@@ -432,6 +440,9 @@ class ClientSession(asyncio.Protocol):
             self.mask_set = self.proxy.masking.for_principal(self.principal)
             if self.mask_set is not None:
                 self.relay.watch_rows()
+        if self.proxy.row_evidence is not None:
+            self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen)
+            self.relay.watch_also(b"123")  # the client's ParseComplete/BindComplete are counted (see rowmarks)
         self.guard = Guard(decider=self.proxy.decider, cache=self.proxy.facts_cache, principal=self.principal,
                            session={"database": self.settings.upstream.database, "user": self.params.get("user", ""),
                                     "application_name": self.params.get("application_name", ""),
@@ -497,6 +508,21 @@ class ClientSession(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _on_backend_message(self, type_code: int, payload: bytes) -> bytes | None:
+        marks = self._rowmarks
+        if marks is not None:
+            if marks.feed(type_code, payload):
+                if not marks.active and self.mask_set is None:
+                    self.relay.watch_less()  # DataRows pass untouched again
+                return b""  # a row marker's answer: not for the client
+            if type_code in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete: the client's
+                return None
+            if type_code == 0x44 and self.mask_set is None:
+                return None
+            if type_code == 0x45 and marks.error_skips_query() and self.upstream is not None:
+                # The marker before a simple Query failed: the server now skips the Query and waits
+                # for a Sync. Ours takes the Query's place (its ReadyForQuery answers the Query).
+                log.warning("session %s: a row-evidence marker failed; the statement did not run", self.session_id)
+                self.upstream.transport.write(m.encode_sync())
         if type_code == 0x44:  # 'D' DataRow: watched only when this identity has masks
             return self._mask_row(payload)
         if type_code == 0x64:  # 'd' CopyData of a COPY OUT (masking only)
@@ -513,6 +539,14 @@ class ClientSession(asyncio.Protocol):
         if type_code == 0x5A:  # 'Z' ReadyForQuery
             status = chr(payload[0]) if payload else "I"
             self._rfq_seen += 1
+            self._tx_status = status
+            if marks is not None:
+                marks.ready(self._rfq_seen)
+            if self._idle_waiters and self._rfq_seen >= self._syncs_sent:
+                for waiter in self._idle_waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._idle_waiters.clear()
             finished = self.completions.ready(self._rfq_seen)
             if finished:
                 self._finished += finished  # recorded once the reply is on its way to the client
@@ -716,6 +750,8 @@ class ClientSession(asyncio.Protocol):
         name = f"{REFUSED_PREFIX}{self.session_id}.{self._refusals}"
         # The marker is dropped when the ReadyForQuery of the Sync that closes this batch arrives.
         self._markers[name] = (refusal, self._syncs_sent + 1)
+        if self._rowmarks is not None:
+            self._rowmarks.client_parse_or_bind(self._syncs_sent + 1)
         self._out += m.encode_bind(statement=name)
         if sync:
             self._out += m.encode_sync()
@@ -783,6 +819,9 @@ class ClientSession(asyncio.Protocol):
         if deferred is not None:  # the first Execute writes the read's decision; later pieces add completions
             self._portals[msg.portal] = (portal[0], stmt, None)
         self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
+        if self._rowmarks is not None and self._wants_mark(portal[0]):
+            self._out += self._rowmarks.mark(stmt, self._syncs_sent + 1, before_query=False)
+            self.relay.watch_also(b"D", for_now=True)
         self._out += msg.raw
         return None
 
@@ -858,14 +897,46 @@ class ClientSession(asyncio.Protocol):
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
+        if self._rowmarks is not None and self._rfq_seen < self._syncs_sent and not all(map(read_only, statements)):
+            # A write's marker goes just before its Query, and if the marker fails the server skips
+            # everything up to a Sync: with earlier Queries still unanswered, wait for them first.
+            return self._run_async(self._query_slow(msg, statements, normalized, now, sql, wait_idle=True))
         verdict = self.guard.judge_fast(statements, now) if self.mask_set is None else None
         if verdict is None or (verdict.refusal is not None and self._approval_for(verdict) is not None):
             return self._run_async(self._query_slow(msg, statements, normalized, now, sql))
         return self._apply_query(msg, verdict, normalized, now)
 
+    async def _until_idle(self) -> None:
+        """Until the server has answered every round trip sent so far."""
+        while self._rfq_seen < self._syncs_sent:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wants_mark(self, statements: tuple[F.StatementFacts, ...]) -> bool:
+        """Whether a row-evidence marker goes before these statements: before every one that may change
+        rows (trigger and cascade changes of watched tables are then attributed too), unless the marker
+        would change how they run: not before statements that refuse to run in a transaction (VACUUM,
+        CREATE DATABASE ...), nor transaction control sent in one Query with others, nor procedures and
+        DO blocks outside an explicit transaction (they may COMMIT); not into a failed transaction.
+        Their changes are recorded unattributed (docs/ledger.md)."""
+        idle = self._rfq_seen >= self._syncs_sent
+        if idle and self._tx_status == "E":
+            return False
+        in_block = idle and self._tx_status == "T"
+        writes = False
+        for f in statements:
+            if f.kind in _MARKABLE or (in_block and f.kind in _MARKABLE_IN_BLOCK):
+                writes = writes or not read_only(f)
+            elif not read_only(f) or f.kind == "TransactionStmt":
+                return False
+        return writes
+
     async def _query_slow(self, msg: m.Query, statements: tuple[F.StatementFacts, ...], normalized: str,
-                          now: datetime.datetime, sql: str = "") -> None:
+                          now: datetime.datetime, sql: str = "", *, wait_idle: bool = False) -> None:
         assert self.guard is not None
+        if wait_idle:
+            await self._until_idle()
         verdict = await self.guard.judge(statements, now)
         held = self._approval_for(verdict) if verdict.refusal is not None else None
         if verdict.refusal is not None and self.proxy.approvals is not None and mixed_rules(verdict.decisions):
@@ -901,6 +972,9 @@ class ClientSession(asyncio.Protocol):
         self._decided = (0, None)
         self._approval_ran(stmt)
         self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
+        if self._rowmarks is not None and self._wants_mark(verdict.statements):
+            self._out += self._rowmarks.mark(stmt, self._syncs_sent, before_query=True)
+            self.relay.watch_also(b"D", for_now=True)
         self._out += msg.raw
         return None
 
@@ -1130,6 +1204,8 @@ class ClientSession(asyncio.Protocol):
                 self._param_types[msg.name] = msg.param_types
             else:
                 self._param_types.pop(msg.name, None)
+        if self._rowmarks is not None:
+            self._rowmarks.client_parse_or_bind(self._syncs_sent + 1)
         self._out += msg.raw
         return None
 
@@ -1144,6 +1220,8 @@ class ClientSession(asyncio.Protocol):
         self.guard.update(protocol="extended")
         if not statements:
             self._portals[msg.portal] = (statements, 0, None)
+            if self._rowmarks is not None:
+                self._rowmarks.client_parse_or_bind(self._syncs_sent + 1)
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
@@ -1199,6 +1277,8 @@ class ClientSession(asyncio.Protocol):
         self._approval_ran(stmt)
         self._drop_portals([msg.portal])  # a Bind replaces a portal of the same name
         self._portals[msg.portal] = (verdict.statements, stmt, deferred)
+        if self._rowmarks is not None:
+            self._rowmarks.client_parse_or_bind(self._syncs_sent + 1)
         self._out += msg.raw
         if self.mask_set is not None:  # learn the portal's columns and formats: DataRows are masked by them
             self._portal_plans.pop(msg.portal, None)
@@ -1206,6 +1286,12 @@ class ClientSession(asyncio.Protocol):
             self._describes.append((msg.portal, True, self._syncs_sent + 1))
         return None
 
+
+# Statements a row-evidence marker may precede in the same transaction; the second set only
+# inside an explicit transaction block.
+_MARKABLE = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "CopyStmt", "TruncateStmt",
+                       "SelectStmt", "ExecuteStmt", "ExplainStmt"})
+_MARKABLE_IN_BLOCK = frozenset({"CallStmt", "DoStmt"})
 
 _DISPATCH = {
     m.Query: ClientSession._on_query,
