@@ -69,6 +69,10 @@ def main() -> int:
     pg = start_postgres(base / "pg")
     reset_schema(pg)
     print(f"  PostgreSQL on 127.0.0.1:{pg.port}, database app")
+    # Row-level evidence reads logical decoding (wal_level=logical, set by start_postgres): the proxy's role
+    # may stream a replication slot, and old values of customers are decoded in full.
+    pg.psql("ALTER ROLE app REPLICATION", db="postgres")
+    pg.psql("ALTER TABLE customers REPLICA IDENTITY FULL")
     step("Starting dbguard proxy with examples/policy.yaml and a signed audit ledger")
     ledger = base / "ledger.db"
     subprocess.run([sys.executable, "-m", "dbguard", "audit", "keygen", "--private-key", str(base / "ledger.key"),
@@ -76,10 +80,11 @@ def main() -> int:
     since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     store = base / "approvals.db"
     proxy = start_proxy(pg, base, "--policy", str(EXAMPLE_MASKING), "--ledger", str(ledger),
-                        "--ledger-signing-key", str(base / "ledger.key"), "--approvals", str(store))
+                        "--ledger-signing-key", str(base / "ledger.key"), "--approvals", str(store),
+                        "--row-evidence", "on")
     print(f"  dbguard proxy --listen 127.0.0.1:{proxy.port} --upstream postgresql://app@127.0.0.1:{pg.port}/app "
           f"--policy examples/policy.yaml --policy examples/masking.yaml --tokens examples/tokens.yaml --ledger {ledger} "
-          f"--ledger-signing-key {base / 'ledger.key'} --approvals {store}")
+          f"--ledger-signing-key {base / 'ledger.key'} --approvals {store} --row-evidence on")
     failures = []
     try:
         alice = proxy.dsn("alice")
@@ -163,9 +168,12 @@ def main() -> int:
         until = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M")
         question = ["search", "--ledger", str(ledger), "--table", "customers", "--column", "balance",
                     "--op", "UPDATE", "--since", since, "--until", until]
+        time.sleep(0.5)  # row evidence is recorded within --row-evidence-interval of the commit
         r = run_audit(question)
         if r.returncode != 0 or "approval" not in r.stdout:
             failures.append("audit search")
+        if "public.customers id=1: balance 100.00 -> 1100.00" not in r.stdout:
+            failures.append("row evidence of the approved balance change")
         step("Every write is in the ledger with its outcome (rows affected)")
         run_audit(["search", "--ledger", str(ledger), "--table", "orders", "--op", "UPDATE"])
         step("The ledger is hash-chained and its checkpoints are signed: verify it")
