@@ -242,6 +242,13 @@ def test_what_the_server_cannot_give_stops_the_proxy_with_a_clear_error(pg: Post
     with pytest.raises(RuntimeError) as err:
         start_proxy(pg, tmp_path, "--row-evidence", "on", policy=policy)
     assert "public.customers has no column(s) emial" in str(err.value)
+    # a table this database does not have (policies may serve several): a warning, and the proxy serves
+    policy.write_text(POLICY.replace("[public.customers.balance, public.customers.email]", "[public.ledgers.total]"))
+    proxy = start_proxy(pg, tmp_path, "--row-evidence", "on", policy=policy)
+    with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+        conn.execute("UPDATE customers SET balance = 1 WHERE id = 1")
+    proxy.stop()
+    assert "no table public.ledgers in database app" in proxy.log() and "nothing to watch" in proxy.log()
     # a policy that lists rows while --row-evidence is off: a warning, and the proxy serves
     policy.write_text(POLICY)
     proxy = start_proxy(pg, tmp_path, policy=policy)
@@ -272,3 +279,18 @@ def test_sigterm_records_what_was_committed_before_it_stops(rows_pg: Postgres, t
     proxy.stop()
     assert proxy.proc.returncode == 0
     assert [e["changes"][0]["new"]["balance"] for e in rows_entries(tmp_path / "ledger.db")] == ["0.00", "1.00", "2.00"]
+
+
+def test_the_postgresql_sink_joins_rows_to_their_statement(rows_pg: Postgres, tmp_path, ledger_db):
+    policy = tmp_path / "rows.yaml"
+    policy.write_text(POLICY)
+    proxy = start_proxy(rows_pg, tmp_path, "--ledger", ledger_db, "--ledger-chain", "pg-rows", "--row-evidence", "on",
+                        policy=policy)
+    try:
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 42 WHERE id = 2")
+    finally:
+        proxy.stop()  # records what was committed before it stops
+    r = audit("search", "--ledger", ledger_db, "--table", "customers", "--op", "UPDATE")
+    assert r.returncode == 0, r.stderr
+    assert "public.customers id=2: balance 250.50 -> 42.00" in r.stdout, r.stdout

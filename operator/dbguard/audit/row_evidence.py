@@ -335,6 +335,10 @@ class RowEvidence:
                         f"--row-evidence needs wal_level=logical on the governed server (it is {level}): "
                         "ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL")
                 self._watched = await self._resolve(conn)
+                if not self._watched:
+                    log.warning("row evidence: none of the audit.rows tables is in database %s; nothing to watch",
+                                self._upstream.database)
+                    return
                 await self._ensure_publication(conn, self._watched)
                 await self._ensure_slot(conn)
         except psycopg.Error as exc:
@@ -353,7 +357,10 @@ class RowEvidence:
                 "SELECT c.oid, c.relreplident, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = %s AND c.relname = %s", (schema, name))).fetchone()
             if row is None or row[2] not in ("r", "p"):
-                raise ConfigError(f"audit.rows: table {schema}.{name} does not exist")
+                # Policies may serve several databases: a table this one lacks is not an error.
+                log.warning("row evidence: no table %s.%s in database %s; its audit.rows entries are skipped",
+                            schema, name, self._upstream.database)
+                continue
             oid, identity = row[0], row[1]
             cols = {r[0] for r in await (await conn.execute(
                 "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
@@ -492,8 +499,14 @@ class RowEvidence:
                 self.last_error = str(exc)
             await asyncio.sleep(1.0)
 
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to watch (after ``setup``): sessions mark writes only then."""
+        return bool(self._watched)
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
+        if self.active:
+            self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Record what the server has committed up to now, then end the stream."""

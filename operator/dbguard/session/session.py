@@ -440,7 +440,7 @@ class ClientSession(asyncio.Protocol):
             self.mask_set = self.proxy.masking.for_principal(self.principal)
             if self.mask_set is not None:
                 self.relay.watch_rows()
-        if self.proxy.row_evidence is not None:
+        if self.proxy.row_evidence is not None and self.proxy.row_evidence.active:
             self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen)
             self.relay.watch_also(b"123")  # the client's ParseComplete/BindComplete are counted (see rowmarks)
         self.guard = Guard(decider=self.proxy.decider, cache=self.proxy.facts_cache, principal=self.principal,
