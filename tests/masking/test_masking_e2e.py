@@ -32,6 +32,17 @@ CREATE VIEW customer_contacts AS SELECT id, lower(email) AS mail FROM customers;
 CREATE MATERIALIZED VIEW customer_mv AS SELECT id, ssn FROM customers;
 CREATE OR REPLACE FUNCTION leak_emails() RETURNS SETOF text LANGUAGE sql AS $$ SELECT email FROM customers $$;
 CREATE UNIQUE INDEX IF NOT EXISTS customers_email ON customers (email);
+CREATE VIEW customer_names AS SELECT c.id, c.name, o.amount FROM customers c LEFT JOIN orders o ON o.customer_id = c.id;
+CREATE VIEW customer_rows AS SELECT id, row_to_json(c) AS j FROM customers c;
+CREATE VIEW customer_filter AS SELECT id FROM customers WHERE ssn LIKE '1%';
+"""
+TELL = """
+CREATE OR REPLACE FUNCTION tell() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NEW.name = 'Notice me' THEN RAISE NOTICE 'customer % has ssn %', NEW.id, NEW.ssn USING DETAIL = NEW.email; END IF;
+  IF NEW.name = 'Fail me' THEN RAISE EXCEPTION 'ssn % taken', NEW.ssn; END IF;
+  RETURN NEW; END $$;
+DROP TRIGGER IF EXISTS tell ON customers;
+CREATE TRIGGER tell BEFORE UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION tell();
 """
 
 
@@ -179,6 +190,8 @@ BYPASSES = {
     "set-returning user function": "SELECT * FROM leak_emails()",
     "view over pii": "SELECT * FROM customer_contacts",
     "materialized view over pii": "SELECT * FROM customer_mv",
+    "view passing whole rows": "SELECT j FROM customer_rows",
+    "view probing a masked column": "SELECT * FROM customer_filter",
     "whole row": "SELECT c FROM customers c",
     "where probe": "SELECT id FROM customers WHERE ssn LIKE '1%'",
     "equality probe": "SELECT id FROM customers WHERE ssn = '123-45-6789'",
@@ -284,6 +297,9 @@ def test_returning_plain_columns_are_masked(masked: Proxy):
 
 def test_views_and_columns_without_masked_data_still_work(masked: Proxy):
     with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        # a view over customers that reads no masked column (PostgreSQL still records a whole-table dependency)
+        assert conn.execute("SELECT id, name FROM customer_names WHERE amount > 15 ORDER BY 1").fetchall() == [
+            (1, "Ada"), (2, "Grace")]
         assert conn.execute("SELECT id, name FROM customers WHERE id = 1 ORDER BY name").fetchall() == [(1, "Ada")]
         assert conn.execute("SELECT count(*) FROM customers WHERE balance > 0").fetchone() == (2,)
         assert conn.execute("SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id"
@@ -434,3 +450,23 @@ def test_a_result_from_uncommitted_ddl_closes_the_session_rather_than_hang(maske
         assert error["S"] == "FATAL" and "commit the DDL first" in error["M"]
     finally:
         raw.close()
+
+
+def test_what_a_dba_trigger_raises_never_carries_masked_values(masked: Proxy, postgres: Postgres):
+    """Notices and errors a function RAISEs may hold values anywhere: withheld for masked identities,
+    passed to identities that see clear text; the connection stays usable."""
+    postgres.psql("SET ROLE app;" + TELL)  # a trigger a DBA wrote, not one a masked identity could create
+    for name in ("Notice me", "Fail me"):
+        replies = raw_query(masked, "alice", f"UPDATE customers SET name = '{name}' WHERE id = 1")
+        no_pii(b"".join(p for _, p in replies))
+        kinds = [t for t, _ in replies]
+        assert ("N" if name == "Notice me" else "E") in kinds, replies
+        said = m.decode_error_fields(next(p for t, p in replies if t in "NE"))
+        assert said["M"].startswith("dbguard withheld the text of a message a database function raised")
+        assert "D" not in said and kinds[-1] == "Z"
+    replies = raw_query(masked, "frida", "UPDATE customers SET name = 'Notice me' WHERE id = 1")  # fraud: clear
+    said = m.decode_error_fields(next(p for t, p in replies if t == "N"))
+    assert said["M"] == "customer 1 has ssn 123-45-6789" and said["D"] == "ada@example.com"
+    with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
+        conn.execute("UPDATE customers SET name = 'Ada' WHERE id = 1")
+    postgres.psql("DROP TRIGGER tell ON customers")

@@ -15,13 +15,48 @@ import logging
 import time
 from collections.abc import Iterable
 
+import orjson
 import psycopg
+from pglast import parser as pgparser
 
 from dbguard.config import UpstreamSettings
 from dbguard.masking.rules import ColumnMask, CommentMask, MaskSet, parse_comment
 from dbguard.policy.spec import MASK_STRATEGIES
 
 log = logging.getLogger("dbguard.masking")
+
+
+def references_whole_rows(sql: str) -> bool:
+    """Whether a view definition may pass a whole row on (``c.*``, ``row_to_json(c)``, ``t`` as a
+    value); True when it cannot be parsed. Conservative: a column named like a FROM entry counts."""
+    try:
+        tree = orjson.loads(pgparser.parse_sql_json(sql))
+    except pgparser.ParseError:
+        return True
+    names: set[str] = set()
+    refs: list[list[dict]] = []
+    stack: list[object] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "ColumnRef":
+                    refs.append(value.get("fields") or [])
+                elif key == "RangeVar":
+                    names.add(value.get("relname", ""))
+                elif key == "alias" and isinstance(value, dict):
+                    names.add(value.get("aliasname", ""))
+                elif key == "CommonTableExpr":
+                    names.add(value.get("ctename", ""))
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    for fields in refs:
+        if any("A_Star" in f for f in fields):
+            return True
+        if len(fields) == 1 and fields[0].get("String", {}).get("sval") in names:
+            return True
+    return False
 
 _RELATIONS = """
 SELECT c.oid, n.nspname, c.relname, c.relkind, c.relnatts FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -42,6 +77,9 @@ _VIEW_DEPENDENCIES = """
 SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
 WHERE d.refobjid <> r.ev_class
+"""
+_VIEW_DEFINITIONS = """
+SELECT c.oid, pg_get_viewdef(c.oid) FROM pg_class c WHERE c.oid = ANY(%s) AND c.relkind IN ('v', 'm')
 """
 _COMMENTS = """
 SELECT d.objoid, d.objsubid, a.attname, a.atttypid, d.description FROM pg_description d
@@ -75,6 +113,9 @@ class Snapshot:
     comments: dict[tuple[int, int], CommentMask]  # (relation oid, attnum) -> the mask its comment declares
     version: int
     taken: float
+    # Views over candidate relations whose definition references no whole row (``row_to_json(c)``,
+    # ``c.*``): their dependencies then name every column they read.
+    views_without_whole_rows: frozenset[int] = frozenset()
 
 
 class IdentityMasks:
@@ -105,8 +146,10 @@ class IdentityMasks:
                 if view in reaching:
                     continue
                 for oid, attnum in deps:
+                    # A whole-row reference (row_to_json(c)) records no dependency on the masked
+                    # columns it carries: only a definition proven free of them is let through.
                     if (oid, attnum) in self.by_attribute or oid in reaching or (
-                            attnum == 0 and oid in self.masked_relations):
+                            oid in self.masked_relations and view not in snap.views_without_whole_rows):
                         reaching.add(view)
                         changed = True
                         break
@@ -189,6 +232,12 @@ class Catalog:
                             declared = ("redact", ())
                         comments[(oid, num)] = declared
                         attrs[(oid, num)] = (name, typ)
+            # A view's dependencies name the columns it reads, but a whole-row reference names
+            # none of the columns it carries: look for one in the definition.
+            candidates = {oid for oid, _ in attrs}
+            views = [v for v, d in deps.items() if any(oid in candidates for oid, _ in d)]
+            plain = frozenset(v for v, text in await (await conn.execute(_VIEW_DEFINITIONS, (views,))).fetchall()
+                              if text is not None and not references_whole_rows(text))
             table_columns: dict[int, list[tuple[str, int]]] = {}
             for oid, num, name, _typ in await (await conn.execute(_USER_COLUMNS)).fetchall():
                 table_columns.setdefault(oid, []).append((name, num))
@@ -197,7 +246,7 @@ class Catalog:
             by_name.setdefault(rel.name, []).append(rel)
         self._version += 1
         return Snapshot(rels, by_name, attrs, deps, funcs, table_columns, comments, self._version,
-                        time.monotonic())
+                        time.monotonic(), plain)
 
     async def current(self) -> Snapshot:
         """The snapshot, refreshed first if it is stale or too old."""

@@ -440,6 +440,7 @@ class ClientSession(asyncio.Protocol):
             self.mask_set = self.proxy.masking.for_principal(self.principal)
             if self.mask_set is not None:
                 self.relay.watch_rows()
+                self.relay.watch_also(b"N")  # notices may quote values too
         if self.proxy.row_evidence is not None and self.proxy.row_evidence.active:
             self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen)
             self.relay.watch_also(b"123")  # the client's ParseComplete/BindComplete are counted (see rowmarks)
@@ -576,13 +577,10 @@ class ClientSession(asyncio.Protocol):
             if fields.get("S") in ("ERROR", "FATAL", "PANIC"):
                 self.completions.error(fields.get("C", ""), fields.get("M", ""))
             if self.mask_set is not None:
-                # "Key (ssn)=(123-45-6789) already exists.", 'invalid input syntax for type integer:
-                # "123-45-6789"': the server quotes values in messages and details
-                fields["M"] = redact_message(fields.get("M", ""))
-                if "D" in fields:
-                    fields["D"] = redact_detail(fields["D"])
-                return m.encode_error_fields(b"E", fields)
+                return m.encode_error_fields(b"E", _masked_fields(fields))
             return None
+        if type_code == 0x4E:  # 'N' NoticeResponse: watched only when this identity has masks
+            return m.encode_error_fields(b"N", _masked_fields(m.decode_error_fields(payload)))
         if type_code == 0x73 or type_code == 0x49:  # 's' PortalSuspended, 'I' EmptyQueryResponse
             self.completions.command_complete("")
             return None
@@ -1285,6 +1283,28 @@ class ClientSession(asyncio.Protocol):
             self._out += m.encode_describe("P", msg.portal)
             self._describes.append((msg.portal, True, self._syncs_sent + 1))
         return None
+
+
+WITHHELD = ("dbguard withheld the text of a message a database function raised: it could carry values of "
+            "columns masked for you")
+
+
+def _masked_fields(fields: dict[str, str]) -> dict[str, str]:
+    """An error or notice as an identity with masks may see it. The server quotes values in messages
+    and details ("Key (ssn)=(123-45-6789) already exists.", 'invalid input syntax ...: "123-45-6789"');
+    text a function RAISEs (a trigger a DBA wrote: ``RAISE NOTICE 'ssn %', NEW.ssn``) may hold
+    values anywhere, so it is withheld whole."""
+    if "at RAISE" in fields.get("W", ""):
+        fields["M"] = WITHHELD
+        fields.pop("D", None)
+        fields.pop("H", None)
+        return fields
+    fields["M"] = redact_message(fields.get("M", ""))
+    if "D" in fields:
+        fields["D"] = redact_detail(fields["D"])
+    if "H" in fields:
+        fields["H"] = redact_message(fields["H"])
+    return fields
 
 
 # Statements a row-evidence marker may precede in the same transaction; the second set only
