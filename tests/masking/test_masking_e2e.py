@@ -211,6 +211,10 @@ BYPASSES = {
     "returning expression": "UPDATE customers SET name = name WHERE id = 1 RETURNING lower(email)",
     "returning whole row": "UPDATE customers SET name = name WHERE id = 1 RETURNING customers",
     "update probe": "UPDATE customers SET name = name WHERE ssn LIKE '1%'",
+    "unique probe on conflict": "INSERT INTO customers (id, name, email) VALUES (9, 'x', 'ada@example.com') "
+                                "ON CONFLICT (email) DO NOTHING RETURNING id",
+    "unique probe merge": "MERGE INTO customers c USING (SELECT 9 AS id) s ON c.id = s.id "
+                          "WHEN NOT MATCHED THEN INSERT (id, name, email) VALUES (9, 'x', 'ada@example.com')",
     "cursor over expression": "DECLARE c CURSOR FOR SELECT upper(email) FROM customers",
     # found by a red-team pass: each of these returned or probed clear values before it was fixed
     "function-style column": "SELECT c.row_to_json FROM customers c",
@@ -308,18 +312,27 @@ def test_views_and_columns_without_masked_data_still_work(masked: Proxy):
 
 def test_writes_stay_possible_and_the_error_detail_is_masked(masked: Proxy, postgres: Postgres):
     with psycopg.connect(masked.dsn("alice"), autocommit=True) as conn:
-        conn.execute("INSERT INTO customers (id, name, email, ssn) VALUES (3, 'Linus', 'linus@example.com', '1')")
-        conn.execute("UPDATE customers SET phone = '+1-555-0199' WHERE id = 3")
-        assert postgres.psql("SELECT email, phone FROM customers WHERE id = 3").strip() \
-            == "linus@example.com|+1-555-0199"
-        with pytest.raises(psycopg.errors.UniqueViolation) as exc:
-            conn.execute("INSERT INTO customers (id, name, email) VALUES (4, 'Dup', 'ada@example.com')")
+        conn.execute("INSERT INTO customers (id, name, phone, ssn) VALUES (3, 'Linus', '+1-555-0100', '1')")
+        conn.execute("UPDATE customers SET phone = '+1-555-0199', ssn = '111-22-3333' WHERE id = 3")
+        assert postgres.psql("SELECT phone, ssn FROM customers WHERE id = 3").strip() == "+1-555-0199|111-22-3333"
+        with pytest.raises(psycopg.errors.NotNullViolation) as exc:  # "Failing row contains (4, null, ...)"
+            conn.execute("INSERT INTO customers (id, ssn) VALUES (4, '123-45-6789')")
         detail = exc.value.diag.message_detail or ""
-        assert "Key (email)=(…) already exists" in detail and "ada@example.com" not in detail
+        assert detail.startswith("Failing row contains (…)") and "123-45-6789" not in detail, detail
         with pytest.raises(psycopg.errors.InvalidTextRepresentation) as exc:  # values quoted in the message
             conn.execute("INSERT INTO customers (id, name) VALUES ('123-45-6789'::int, 'x')")
         assert str(exc.value).startswith('invalid input syntax for type integer: "…"'), str(exc.value)
+        # email is masked and unique: whether a write of it succeeds would say whether the address exists
+        for sql in ("INSERT INTO customers (id, name, email) VALUES (4, 'Dup', 'ada@example.com')",
+                    "UPDATE customers SET email = 'ada@example.com' WHERE id = 3",
+                    "COPY customers (id, name, email) FROM STDIN"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
+                conn.execute(sql)
+            assert "customers.email is masked and must be unique" in str(exc.value), sql
         conn.execute("DELETE FROM customers WHERE id = 3")
+    with psycopg.connect(masked.dsn("frida"), autocommit=True) as conn:  # fraud sees e-mail in clear: may write it
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO customers (id, name, email) VALUES (4, 'Dup', 'ada@example.com')")
 
 
 def test_a_dba_with_masks_cannot_raise_values_from_a_do_block(masked: Proxy):

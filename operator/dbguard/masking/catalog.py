@@ -78,6 +78,11 @@ SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
 WHERE d.refobjid <> r.ev_class
 """
+_UNIQUE_COLUMNS = """
+SELECT DISTINCT d.refobjid, d.refobjsubid FROM pg_index i
+JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass
+WHERE (i.indisunique OR i.indisexclusion) AND d.refobjsubid > 0
+"""
 _VIEW_DEFINITIONS = """
 SELECT c.oid, pg_get_viewdef(c.oid) FROM pg_class c WHERE c.oid = ANY(%s) AND c.relkind IN ('v', 'm')
 """
@@ -116,6 +121,9 @@ class Snapshot:
     # Views over candidate relations whose definition references no whole row (``row_to_json(c)``,
     # ``c.*``): their dependencies then name every column they read.
     views_without_whole_rows: frozenset[int] = frozenset()
+    # (relation oid, attnum) in a unique index or exclusion constraint (expression indexes included):
+    # writing such a column answers whether a value exists.
+    unique_attributes: frozenset[tuple[int, int]] = frozenset()
 
 
 class IdentityMasks:
@@ -169,6 +177,16 @@ class IdentityMasks:
 
     def is_user_function(self, name: str) -> bool:
         return name in self.snapshot.user_functions
+
+    def unique_masked(self, schema: str | None, name: str) -> frozenset[str]:
+        """Masked columns of the table that a unique index or exclusion constraint covers."""
+        out: set[str] = set()
+        unique = self.snapshot.unique_attributes
+        for rel in self._relations(schema, name):
+            for (oid, attnum) in self.by_attribute:
+                if oid == rel.oid and (oid, attnum) in unique:
+                    out.add(self.snapshot.attributes[(oid, attnum)][0])
+        return frozenset(out)
 
     def all_columns(self, schema: str | None, name: str) -> frozenset[str] | None:
         """Every column of a user table (None for unknown or system relations)."""
@@ -238,6 +256,7 @@ class Catalog:
             views = [v for v, d in deps.items() if any(oid in candidates for oid, _ in d)]
             plain = frozenset(v for v, text in await (await conn.execute(_VIEW_DEFINITIONS, (views,))).fetchall()
                               if text is not None and not references_whole_rows(text))
+            unique = frozenset((oid, num) for oid, num in await (await conn.execute(_UNIQUE_COLUMNS)).fetchall())
             table_columns: dict[int, list[tuple[str, int]]] = {}
             for oid, num, name, _typ in await (await conn.execute(_USER_COLUMNS)).fetchall():
                 table_columns.setdefault(oid, []).append((name, num))
@@ -246,7 +265,7 @@ class Catalog:
             by_name.setdefault(rel.name, []).append(rel)
         self._version += 1
         return Snapshot(rels, by_name, attrs, deps, funcs, table_columns, comments, self._version,
-                        time.monotonic(), plain)
+                        time.monotonic(), plain, unique)
 
     async def current(self) -> Snapshot:
         """The snapshot, refreshed first if it is stale or too old."""

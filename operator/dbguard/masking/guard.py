@@ -48,7 +48,7 @@ class MaskGuard:
             resolved = self.catalog.resolve(masks, self.catalog.snapshot)  # type: ignore[arg-type]
             key = (sql, id(resolved))
         schema = lineage.Schema(resolved.masked_columns, resolved.view_reaches_masked, resolved.is_user_function,
-                                resolved.all_columns)
+                                resolved.all_columns, resolved.unique_masked)
         reason = None
         plans: list[CopyPlan] = []
         try:

@@ -46,6 +46,8 @@ class Schema:
     view_reaches_masked: Callable[[str | None, str], bool]  # a view/matview that reads masked columns
     is_user_function: Callable[[str], bool]  # defined outside pg_catalog: its result cannot be traced
     all_columns: Callable[[str | None, str], frozenset[str] | None]  # every column of a table; None if unknown
+    # masked columns a unique index or exclusion constraint covers: writing one answers whether a value exists
+    unique_masked: Callable[[str | None, str], frozenset[str]] = lambda schema, name: frozenset()
 
 
 class Refused(Exception):
@@ -152,6 +154,7 @@ def check(stmt: ast.Node, schema: Schema) -> None:
                       "probe them; an identity with masked columns cannot change it")
     if any(isinstance(n, ast.Alias) and n.colnames for n in nodes):
         raise Refused("column aliases in FROM (t(a, b, ...)) rename masked columns where dbguard cannot follow them")
+    _check_unique_probe(stmt, schema)
     if isinstance(stmt, ast.CopyStmt):
         # COPY TO: the rows are masked by dbguard.masking.copy; its query is judged like a SELECT
         # (plain columns allowed). COPY FROM is a write; its WHERE filters input, not stored rows.
@@ -170,6 +173,37 @@ def check(stmt: ast.Node, schema: Schema) -> None:
                 raise Refused("a NATURAL JOIN with a table that has masked columns compares them")
             for f in n.usingClause or ():
                 _check_ref([f.sval], masking, tables)
+
+
+def _written_columns(stmt: ast.Node) -> Iterator[tuple[ast.RangeVar, set[str] | None]]:
+    """(target table, columns written; None = every column) of an INSERT, UPDATE, MERGE or COPY FROM."""
+    if isinstance(stmt, ast.InsertStmt):
+        yield stmt.relation, {t.name for t in stmt.cols} if stmt.cols else None
+    elif isinstance(stmt, ast.UpdateStmt):
+        yield stmt.relation, {t.name for t in stmt.targetList or ()}
+    elif isinstance(stmt, ast.MergeStmt):
+        for clause in stmt.mergeWhenClauses or ():
+            if clause.commandType == enums.CmdType.CMD_INSERT:
+                yield stmt.relation, {t.name for t in clause.targetList} if clause.targetList else None
+            elif clause.commandType == enums.CmdType.CMD_UPDATE:
+                yield stmt.relation, {t.name for t in clause.targetList or ()}
+    elif isinstance(stmt, ast.CopyStmt) and stmt.is_from and stmt.relation is not None:
+        yield stmt.relation, {a.sval for a in stmt.attlist} if stmt.attlist else None
+
+
+def _check_unique_probe(stmt: ast.Node, schema: Schema) -> None:
+    """Writing a masked column that must be unique answers whether a value exists: the write fails
+    (or ON CONFLICT takes the other branch) exactly when some row holds it."""
+    for n in _nodes(stmt):
+        if isinstance(n, ast.InsertStmt | ast.UpdateStmt | ast.MergeStmt | ast.CopyStmt):
+            for target, written in _written_columns(n):
+                unique = schema.unique_masked(target.schemaname, target.relname)
+                hit = unique if written is None else unique & written
+                if hit:
+                    column = sorted(hit)[0]
+                    raise Refused(f"{target.relname}.{column} is masked and must be unique: whether this write "
+                                  "succeeds would tell whether the value exists; an identity that sees it masked "
+                                  "cannot write it")
 
 
 def _check_column_exists(names: list[str | None], masking: list[_Table]) -> None:
