@@ -294,3 +294,32 @@ def test_the_postgresql_sink_joins_rows_to_their_statement(rows_pg: Postgres, tm
     r = audit("search", "--ledger", ledger_db, "--table", "customers", "--op", "UPDATE")
     assert r.returncode == 0, r.stderr
     assert "public.customers id=2: balance 250.50 -> 42.00" in r.stdout, r.stdout
+
+
+def test_proxies_sharing_a_slot_record_each_others_rows_and_take_over(rows_pg: Postgres, tmp_path):
+    """A gateway's replicas name one slot: one streams it and records every replica's rows, the
+    other stands by and takes over when the first stops."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    shared = ("--row-evidence-slot", "dbguard_gateway")
+    a = rows_proxy(rows_pg, a_dir, *shared, "--ledger-chain", "gw-a")
+    b = rows_proxy(rows_pg, b_dir, *shared, "--ledger-chain", "gw-b")
+    try:
+        for proxy, balance in ((a, 11), (b, 22)):
+            with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+                conn.execute("UPDATE customers SET balance = %s WHERE id = 1", (balance,))
+        wait_until(lambda: len(rows_entries(a_dir / "ledger.db")) >= 2, timeout=20, what="rows of both proxies")
+        assert rows_entries(b_dir / "ledger.db") == []
+        a.stop()
+        with psycopg.connect(b.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 33 WHERE id = 1")
+        wait_until(lambda: rows_entries(b_dir / "ledger.db"), timeout=20, what="the standby to take over")
+    finally:
+        a.stop()
+        b.stop()
+    first = rows_entries(a_dir / "ledger.db")
+    assert [e["changes"][0]["new"]["balance"] for e in first] == ["11.00", "22.00"]
+    assert "chain" not in first[0] and first[1]["chain"] == "gw-b"  # B's statement, recorded by A
+    assert [e["changes"][0]["new"]["balance"] for e in rows_entries(b_dir / "ledger.db")] == ["33.00"]
+    assert "standing by" in b.log()

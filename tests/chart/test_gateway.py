@@ -176,7 +176,8 @@ def gateway(op: Operator, kube_ns: str, pg: Postgres, ledger_db: str, helm: Helm
     release = f"t{ns[-8:]}"  # cluster-scoped names (the TokenReview binding) stay unique per test
     values = [*GATEWAY, "--set", f"gateway.namespace={ns}", "--set", "gateway.database.host=127.0.0.1",
               "--set", f"gateway.database.port={pg.port}", "--set", "gateway.database.name=app",
-              "--set", "gateway.database.sslMode=disable", "--set", "gateway.ledger.secret.name=dbguard-ledger"]
+              "--set", "gateway.database.sslMode=disable", "--set", "gateway.ledger.secret.name=dbguard-ledger",
+              "--set", "gateway.rowEvidence.enabled=true"]
     rendered = [d for d in yaml.safe_load_all(helm.run("template", release, str(CHART), "--namespace", "dbguard-system",
                                                         *values).stdout) if d]
     ours = [d for d in rendered if d["kind"] in GATEWAY_KINDS
@@ -201,9 +202,16 @@ def gateway(op: Operator, kube_ns: str, pg: Postgres, ledger_db: str, helm: Helm
     spec = deployment["spec"]["template"]["spec"]
     pod = Kubelet(kube, ns, spec, spec["containers"][0], tmp_path / "gateway")
     pod.ledger_url = ledger_db
+    # Row evidence (gateway.rowEvidence): what the DBA grants the gateway's database role.
+    pg.psql("ALTER ROLE app REPLICATION", db="postgres")
+    pg.psql("ALTER TABLE customers REPLICA IDENTITY FULL")
     pod.start()
     yield pod
     pod.stop()
+    pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%'",
+            db="postgres")
+    pg.psql("DROP PUBLICATION IF EXISTS dbguard_rows")
+    pg.psql("ALTER ROLE app NOREPLICATION", db="postgres")
     kube.kubectl("delete", "clusterrolebinding", f"{release}-dbguard-gateway-tokenreview", "--ignore-not-found",
                  check=False)
     rep = getattr(request.node, "rep_call", None)
@@ -289,6 +297,10 @@ def test_a_person_with_a_kubernetes_token_goes_through_the_gateway(op: Operator,
            if any(user in json.dumps(e) for e in found)}
     assert len(who) == 2, found
     assert any("forwarded" in json.dumps(e) for e in found) and any("refused" in json.dumps(e) for e in found)
+    # ... and which row the approved statement changed, from logical decoding (gateway.rowEvidence).
+    changed = [c for e in found for c in e.get("row_changes") or ()]
+    assert changed == [{"table": "public.customers", "op": "UPDATE", "key": {"id": "1"},
+                        "old": {"balance": "100.00"}, "new": {"balance": "110.00"}}], found
 
     # The gateway's /metrics counted what happened (the dashboard's source).
     assert gateway.metric("dbguard_refusals_total", rule="no-drop-table") >= 1

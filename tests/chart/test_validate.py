@@ -33,6 +33,7 @@ VARIANTS = {
                           "--set", "ledger.namespaces={shop,billing}"],
     "gateway-tokenreview": [*GATEWAY, *sets(gateway__namespace="gateways", gateway__ledger__secret__name="dbguard-ledger",
                                             gateway__maskingKeySecret__name="masking",
+                                            gateway__rowEvidence__enabled="true",
                                             gateway__database__sslMode="verify-full",
                                             gateway__database__caSecret__name="db-ca", gateway__replicas="3",
                                             gateway__service__type="LoadBalancer",

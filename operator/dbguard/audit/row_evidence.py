@@ -103,8 +103,10 @@ def _split_ident(ref: str) -> list[str]:
 class Attributor:
     """Sans-IO: turns decoded pgoutput messages into ledger ``rows`` entries (one per statement)."""
 
-    def __init__(self, chain: str, watched: dict[tuple[str, str], Watched], mask: ValueMask | None = None) -> None:
+    def __init__(self, chain: str, watched: dict[tuple[str, str], Watched], mask: ValueMask | None = None,
+                 *, all_chains: bool = False) -> None:
         self.chain = chain
+        self.all_chains = all_chains  # a slot shared by several proxies: record every proxy's statements
         self.watched = watched
         self._mask = mask
         self._relations: dict[int, pgoutput.Relation] = {}
@@ -202,7 +204,7 @@ class Attributor:
         for seg in segments:
             if not seg["count"]:
                 continue  # a write that changed no watched row
-            if seg["chain"] and seg["chain"] != self.chain:
+            if seg["chain"] and seg["chain"] != self.chain and not self.all_chains:
                 self.foreign += seg["count"]
                 continue
             entry: dict[str, Any] = {
@@ -214,6 +216,8 @@ class Attributor:
                 entry["truncated"] = True
             if seg["chain"]:
                 entry.update(session=seg["session"], stmt=seg["stmt"])
+                if seg["chain"] != self.chain:
+                    entry["chain"] = seg["chain"]  # the proxy that ran the statement (a shared slot)
             else:
                 entry["attributed"] = False  # no dbguard marker before it: not a statement of this proxy
             out.append(entry)
@@ -299,7 +303,7 @@ class RowEvidence:
 
     def __init__(self, settings: UpstreamSettings, *, chain: str, watch: Iterable[str], events: EventSink,
                  slot: str = "", publication: str = "dbguard_rows", interval: float = 0.2,
-                 mask: ValueMask | None = None) -> None:
+                 mask: ValueMask | None = None, shared: bool = False) -> None:
         self._upstream = settings
         self.chain = chain
         self.slot = slot or default_slot(chain)
@@ -308,6 +312,9 @@ class RowEvidence:
         self.events = events
         self._mask = mask
         self._watch = parse_watch_list(watch)
+        # A slot several proxies name: whichever streams it records every proxy's statements; the
+        # others stand by (PostgreSQL lets one connection stream a slot) and take over when it stops.
+        self.shared = shared
         self.attributor: Attributor | None = None
         self._watched: dict[tuple[str, str], Watched] = {}
         self._task: asyncio.Task | None = None
@@ -439,7 +446,10 @@ class RowEvidence:
             if first is None or first[0] != 0x57:  # 'W' CopyBothResponse
                 fields = decode_error_fields(first[1]) if first is not None and first[0] == 0x45 else {}
                 raise ConnectionError(f"START_REPLICATION failed: {fields.get('M', first)}")
-            self.attributor = Attributor(self.chain, self._watched, self._mask)  # relations come again
+            self.attributor = Attributor(self.chain, self._watched, self._mask, all_chains=self.shared)
+            if self.last_error:
+                log.info("row evidence: streaming slot %s", self.slot)
+                self.last_error = ""
             batch: list[dict[str, Any]] = []
             batch_end = 0
             since = 0.0
@@ -491,11 +501,16 @@ class RowEvidence:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged, retried: evidence waits in the slot meanwhile
+                standby = self.shared and "is active for PID" in str(exc)  # another proxy streams it
                 if self._stop_at:
-                    log.error("row evidence: %s; what was not recorded waits in slot %s", exc, self.slot)
+                    if not standby:
+                        log.error("row evidence: %s; what was not recorded waits in slot %s", exc, self.slot)
                     return
                 if str(exc) != self.last_error:
-                    log.error("row evidence: %s (retrying; the slot keeps the changes)", exc)
+                    if standby:
+                        log.info("row evidence: slot %s is streamed by another proxy; standing by", self.slot)
+                    else:
+                        log.error("row evidence: %s (retrying; the slot keeps the changes)", exc)
                 self.last_error = str(exc)
             await asyncio.sleep(1.0)
 

@@ -157,7 +157,7 @@ def build_row_evidence(settings: ProxySettings, policies: list[Policy], events: 
     chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
     return RowEvidence(upstream, chain=chain, watch=watched, events=events,
                        slot=settings.ledger.row_evidence_slot, interval=settings.ledger.row_evidence_interval,
-                       mask=mask)
+                       mask=mask, shared=bool(settings.ledger.row_evidence_slot))
 
 
 def build_proxy(settings: ProxySettings) -> Proxy:

@@ -146,8 +146,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on: with the upstream credentials; or a postgresql:// URL (or env:VAR) of a role with "
                         "REPLICATION. A marker joins each write's transaction; see docs/ledger.md (default off)")
     p.add_argument("--row-evidence-slot", default="", metavar="NAME",
-                   help="the replication slot this proxy reads (default dbguard_ and a hash of the ledger chain); "
-                        "a slot nobody reads keeps WAL on the server: drop it when the proxy is retired")
+                   help="the replication slot to stream (default: dbguard_ and a hash of the ledger chain, one per "
+                        "proxy). Name one slot on several proxies (a gateway's replicas) to share it: whichever "
+                        "streams it records every proxy's rows, the others stand by. A slot nobody reads keeps WAL "
+                        "on the server: drop it when the proxies are retired")
     p.add_argument("--row-evidence-interval", type=float, default=0.2, metavar="SECONDS",
                    help="how long decoded changes may wait to be recorded together (default 0.2)")
     p.add_argument("--masking-key", default="", metavar="FILE",
