@@ -47,9 +47,9 @@ def psql(proxy, sql: str, user: str = "alice") -> str:  # noqa: ANN001 - tests.f
     return r.stdout + r.stderr
 
 
-def rows_proxy(pg: Postgres, tmp_path: pathlib.Path, *extra: str):  # noqa: ANN201 - tests.fix_proxy.Proxy
+def rows_proxy(pg: Postgres, tmp_path: pathlib.Path, *extra: str, text: str = POLICY):  # noqa: ANN201
     policy = tmp_path / "rows.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(text)
     return start_proxy(pg, tmp_path, "--ledger", str(tmp_path / "ledger.db"), "--ledger-chain", "proxy-rows",
                        "--row-evidence", "on", "--row-evidence-interval", "0.1", *extra, policy=policy)
 
@@ -323,3 +323,23 @@ def test_proxies_sharing_a_slot_record_each_others_rows_and_take_over(rows_pg: P
     assert "chain" not in first[0] and first[1]["chain"] == "gw-b"  # B's statement, recorded by A
     assert [e["changes"][0]["new"]["balance"] for e in rows_entries(b_dir / "ledger.db")] == ["33.00"]
     assert "standing by" in b.log()
+
+
+def test_a_client_cannot_pose_as_a_dbguard_marker(rows_pg: Postgres, tmp_path):
+    """A marker is authenticated with a key only proxies hold: a forged one is recorded as such, with the
+    changes after it unattributed, never credited to the session it names. (Example policies also deny
+    pg_logical_emit_message as a dangerous function; this policy allows everything.)"""
+    # masking refuses such calls on its own: test without it
+    proxy = rows_proxy(rows_pg, tmp_path, text=POLICY.split("  masking:")[0])
+    forged = '{"chain": "proxy-rows", "session": "someone-else", "stmt": 1, "mac": "00"}'
+    try:
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 5 WHERE id = 1 AND "
+                         f"pg_logical_emit_message(true, 'dbguard', '{forged}') IS NOT NULL")
+        wait_until(lambda: rows_entries(tmp_path / "ledger.db"), timeout=20, what="row evidence")
+    finally:
+        proxy.stop()
+    [entry] = rows_entries(tmp_path / "ledger.db")
+    assert entry["attributed"] is False and entry["forged_marker"]["session"] == "someone-else"
+    assert "session" not in entry and entry["changes"][0]["new"]["balance"] == "5.00"
+    assert "a marker that no dbguard proxy wrote" in proxy.log()

@@ -21,6 +21,8 @@ from dbguard.audit.row_evidence import (
 )
 from dbguard.errors import ConfigError
 
+KEY = b"k" * 32
+
 
 def tup(*values: str | None) -> bytes:
     out = struct.pack("!h", len(values))
@@ -50,7 +52,7 @@ def commit(end: int = 0x200) -> bytes:
 
 
 def marker(chain: str, session: str, stmt: int) -> bytes:
-    content = marker_content(chain, session, stmt)
+    content = marker_content(chain, session, stmt, KEY)
     return b"M" + struct.pack("!bQ", 1, 0x150) + b"dbguard\x00" + struct.pack("!i", len(content)) + content
 
 
@@ -94,7 +96,7 @@ def feed(a: Attributor, *messages: bytes) -> list[dict]:
 
 
 def test_changes_belong_to_the_marker_before_them_and_unmarked_ones_are_unattributed():
-    a = Attributor("proxy-a", watched())
+    a = Attributor("proxy-a", watched(), key=KEY)
     entries = feed(a, relation(), begin(),
                    update(tup("2", "Grace", "1.00"), tup("2", "Grace", "2.00")),  # before any marker
                    marker("proxy-a", "s1", 4), update(tup("1", "Ada", "100.00"), tup("1", "Ada", "110.00")),
@@ -110,7 +112,7 @@ def test_changes_belong_to_the_marker_before_them_and_unmarked_ones_are_unattrib
 
 
 def test_masked_values_stay_masked_and_big_statements_are_counted_not_copied():
-    a = Attributor("p", watched(None), mask=lambda s, t, c: (lambda v: "h:" + v[::-1]) if c == "name" else None)
+    a = Attributor("p", watched(None), key=KEY, mask=lambda s, t, c: (lambda v: "h:" + v[::-1]) if c == "name" else None)
     rows = [update(tup(str(i), "Ada", "1"), tup(str(i), "Eve", "2")) for i in range(MAX_CHANGES_PER_STATEMENT + 5)]
     [entry] = feed(a, relation(), begin(), marker("p", "s", 1), *rows, commit())
     assert entry["count"] == MAX_CHANGES_PER_STATEMENT + 5 and entry["truncated"] is True
@@ -119,7 +121,7 @@ def test_masked_values_stay_masked_and_big_statements_are_counted_not_copied():
 
 
 def test_truncate_and_a_rolled_back_transaction():
-    a = Attributor("p", watched())
+    a = Attributor("p", watched(), key=KEY)
     truncate = b"T" + struct.pack("!Ib", 1, 0) + struct.pack("!I", 16400)
     [entry] = feed(a, relation(), begin(), marker("p", "s", 2), truncate, commit())
     assert entry["changes"] == [{"table": "public.customers", "op": "TRUNCATE"}]
@@ -133,3 +135,15 @@ def test_watch_list_references():
     assert parse_watch_list(["public.t.*", "public.t.a"]) == {("public", "t"): None}
     with pytest.raises(ConfigError):
         parse_watch_list(["customers.balance"])
+
+
+def test_a_marker_no_proxy_wrote_is_recorded_as_a_forgery_with_what_follows():
+    a = Attributor("p", watched(), key=KEY)
+    forged = marker_content("p", "victim", 7, b"not the key")
+    message = b"M" + struct.pack("!bQ", 1, 0x150) + b"dbguard\x00" + struct.pack("!i", len(forged)) + forged
+    [entry] = feed(a, relation(), begin(), marker("p", "s", 1), message,
+                   update(tup("1", "A", "1"), tup("1", "A", "2")), commit())
+    assert entry["attributed"] is False and entry["forged_marker"]["session"] == "victim" and a.forged == 1
+    garbage = b"M" + struct.pack("!bQ", 1, 0x150) + b"dbguard\x00" + struct.pack("!i", 3) + b"{x:"
+    [entry] = feed(a, begin(), garbage, update(tup("1", "A", "2"), tup("1", "A", "3")), commit())
+    assert entry["forged_marker"] == {"unparsed": "{x:"}

@@ -34,6 +34,10 @@ DANGEROUS_FUNCTIONS = frozenset({
     "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xml_and_xmlschema",
     "pg_advisory_lock", "pg_backup_start", "pg_backup_stop", "pg_create_restore_point",
     "pg_import_system_collations", "pg_sleep_for", "pg_sleep_until", "ts_stat", "ts_rewrite",
+    # WAL and logical decoding: a message in the WAL could pose as dbguard's row-evidence marker
+    "pg_logical_emit_message", "pg_logical_slot_peek_binary_changes", "pg_copy_logical_replication_slot",
+    "pg_copy_physical_replication_slot", "pg_replication_origin_create", "pg_replication_origin_session_setup",
+    "pg_replication_origin_xact_setup", "pg_replication_origin_advance",
 })
 FILE_FUNCTIONS = frozenset({"lo_import", "lo_export", "pg_read_file", "pg_read_binary_file", "pg_file_write"})
 

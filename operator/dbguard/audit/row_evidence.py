@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import logging
 import struct
 import time
@@ -47,8 +48,19 @@ MAX_CHANGES_PER_STATEMENT = 1000  # rows recorded per statement; the entry count
 ValueMask = Callable[[str, str, str], Callable[[str], str] | None]
 
 
-def marker_content(chain: str, session: str, stmt: int) -> bytes:
-    return orjson.dumps({"chain": chain, "session": session, "stmt": stmt})
+def marker_key(upstream_password: str) -> bytes:
+    """The key that authenticates markers: from the credentials only the proxies hold (the same on every
+    proxy of one database, so a shared slot verifies them all); a client that forges a marker with
+    its own ``pg_logical_emit_message`` call cannot produce it."""
+    return hashlib.sha256(b"dbguard row marker\x00" + upstream_password.encode()).digest()
+
+
+def _mac(key: bytes, chain: str, session: str, stmt: int) -> str:
+    return hmac.new(key, f"{chain}\x00{session}\x00{stmt}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def marker_content(chain: str, session: str, stmt: int, key: bytes) -> bytes:
+    return orjson.dumps({"chain": chain, "session": session, "stmt": stmt, "mac": _mac(key, chain, session, stmt)})
 
 
 def default_slot(chain: str) -> str:
@@ -104,8 +116,10 @@ class Attributor:
     """Sans-IO: turns decoded pgoutput messages into ledger ``rows`` entries (one per statement)."""
 
     def __init__(self, chain: str, watched: dict[tuple[str, str], Watched], mask: ValueMask | None = None,
-                 *, all_chains: bool = False) -> None:
+                 *, all_chains: bool = False, key: bytes = b"") -> None:
         self.chain = chain
+        self._key = key
+        self.forged = 0  # markers whose MAC does not verify: not written by a dbguard proxy
         self.all_chains = all_chains  # a slot shared by several proxies: record every proxy's statements
         self.watched = watched
         self._mask = mask
@@ -138,10 +152,18 @@ class Attributor:
     def _segment_for(self, content: bytes) -> dict[str, Any] | None:
         try:
             marker = orjson.loads(content)
-            chain, session, stmt = marker["chain"], marker["session"], int(marker["stmt"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("row evidence: a dbguard marker that does not parse: %r", content[:200])
-            return None  # what follows is recorded as unattributed
+            chain, session, stmt = str(marker["chain"]), str(marker["session"]), int(marker["stmt"])
+            genuine = hmac.compare_digest(str(marker.get("mac", "")), _mac(self._key, chain, session, stmt))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            genuine, marker = False, {"unparsed": content[:200].decode("utf-8", "replace")}
+        if not genuine:
+            # A client's own pg_logical_emit_message(true, 'dbguard', ...) claiming to be a statement:
+            # what follows is recorded unattributed, with the claim, as evidence of the attempt.
+            self.forged += 1
+            log.warning("row evidence: a marker that no dbguard proxy wrote: %r", content[:200])
+            segment = {"chain": "", "session": "", "stmt": 0, "changes": [], "count": 0, "forged": marker}
+            self._segments.append(segment)
+            return segment
         segment = {"chain": chain, "session": session, "stmt": stmt, "changes": [], "count": 0}
         self._segments.append(segment)
         return segment
@@ -220,6 +242,8 @@ class Attributor:
                     entry["chain"] = seg["chain"]  # the proxy that ran the statement (a shared slot)
             else:
                 entry["attributed"] = False  # no dbguard marker before it: not a statement of this proxy
+                if "forged" in seg:
+                    entry["forged_marker"] = seg["forged"]
             out.append(entry)
         return out
 
@@ -303,7 +327,7 @@ class RowEvidence:
 
     def __init__(self, settings: UpstreamSettings, *, chain: str, watch: Iterable[str], events: EventSink,
                  slot: str = "", publication: str = "dbguard_rows", interval: float = 0.2,
-                 mask: ValueMask | None = None, shared: bool = False) -> None:
+                 mask: ValueMask | None = None, shared: bool = False, key: bytes = b"") -> None:
         self._upstream = settings
         self.chain = chain
         self.slot = slot or default_slot(chain)
@@ -315,6 +339,7 @@ class RowEvidence:
         # A slot several proxies name: whichever streams it records every proxy's statements; the
         # others stand by (PostgreSQL lets one connection stream a slot) and take over when it stops.
         self.shared = shared
+        self.key = key  # authenticates markers (marker_key)
         self.attributor: Attributor | None = None
         self._watched: dict[tuple[str, str], Watched] = {}
         self._task: asyncio.Task | None = None
@@ -446,7 +471,7 @@ class RowEvidence:
             if first is None or first[0] != 0x57:  # 'W' CopyBothResponse
                 fields = decode_error_fields(first[1]) if first is not None and first[0] == 0x45 else {}
                 raise ConnectionError(f"START_REPLICATION failed: {fields.get('M', first)}")
-            self.attributor = Attributor(self.chain, self._watched, self._mask, all_chains=self.shared)
+            self.attributor = Attributor(self.chain, self._watched, self._mask, all_chains=self.shared, key=self.key)
             if self.last_error:
                 log.info("row evidence: streaming slot %s", self.slot)
                 self.last_error = ""

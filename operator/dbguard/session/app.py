@@ -136,7 +136,7 @@ def build_row_evidence(settings: ProxySettings, policies: list[Policy], events: 
         return None
     if not watched:
         raise ConfigError("--row-evidence: no policy lists columns in spec.audit.rows")
-    from dbguard.audit.row_evidence import RowEvidence
+    from dbguard.audit.row_evidence import RowEvidence, marker_key
     from dbguard.masking.strategies import mask_text
 
     source = settings.ledger.row_evidence
@@ -157,7 +157,8 @@ def build_row_evidence(settings: ProxySettings, policies: list[Policy], events: 
     chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
     return RowEvidence(upstream, chain=chain, watch=watched, events=events,
                        slot=settings.ledger.row_evidence_slot, interval=settings.ledger.row_evidence_interval,
-                       mask=mask, shared=bool(settings.ledger.row_evidence_slot))
+                       mask=mask, shared=bool(settings.ledger.row_evidence_slot),
+                       key=marker_key(settings.upstream.password))
 
 
 def build_proxy(settings: ProxySettings) -> Proxy:

@@ -54,11 +54,12 @@ class _Marker:
 class RowMarks:
     """The markers of one session, in the order the server will answer them."""
 
-    __slots__ = ("_client_pb", "_inflight", "_n", "_name", "_rfq", "_secret", "_seen", "_swallow", "chain",
+    __slots__ = ("_client_pb", "_inflight", "_key", "_n", "_name", "_rfq", "_secret", "_seen", "_swallow", "chain",
                  "failed", "sent", "session")
 
-    def __init__(self, chain: str, session: str, rfq_seen: int = 0) -> None:
+    def __init__(self, chain: str, session: str, rfq_seen: int = 0, key: bytes = b"") -> None:
         self.chain = chain
+        self._key = key  # authenticates the marker's content (audit.row_evidence.marker_key)
         self.session = session
         self._secret = secrets.token_hex(12)  # tags the DataRow; the client cannot produce it
         self._name = f"dbguard_rowmark_{secrets.token_hex(6)}"
@@ -84,7 +85,7 @@ class RowMarks:
         self._n += 1
         self.sent += 1
         tag = f"{self._secret}:{self._n}".encode()
-        content = marker_content(self.chain, self.session, stmt)
+        content = marker_content(self.chain, self.session, stmt, self._key)
         name = _cstr(f"{self._name}_{self._n}")
         row = _I16.pack(1) + _I32.pack(len(tag)) + tag
         self._inflight.append(_Marker(row, sync_no, before_query, self._client_pb.get(sync_no, 0)))

@@ -442,7 +442,8 @@ class ClientSession(asyncio.Protocol):
                 self.relay.watch_rows()
                 self.relay.watch_also(b"N")  # notices may quote values too
         if self.proxy.row_evidence is not None and self.proxy.row_evidence.active:
-            self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen)
+            self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen,
+                                      self.proxy.row_evidence.key)
             self.relay.watch_also(b"123")  # the client's ParseComplete/BindComplete are counted (see rowmarks)
         self.guard = Guard(decider=self.proxy.decider, cache=self.proxy.facts_cache, principal=self.principal,
                            session={"database": self.settings.upstream.database, "user": self.params.get("user", ""),
