@@ -132,6 +132,17 @@ class ProxyCollector(Collector):
                                     value=0 if ledger.last_failed else 1)
             yield ledger.commit_latency.family("dbguard_ledger_commit_seconds",
                                                "time to commit one batch of ledger entries")
+        rows = getattr(proxy, "row_evidence", None)
+        if rows is not None and rows.active:
+            yield GaugeMetricFamily("dbguard_row_evidence_streaming",
+                                    "1 while this proxy streams its replication slot (0: down, or standing by)",
+                                    value=1 if rows.streaming else 0)
+            yield CounterMetricFamily("dbguard_row_evidence_entries", "rows entries recorded from logical decoding",
+                                      value=rows.recorded)
+            yield CounterMetricFamily("dbguard_row_evidence_forged_markers",
+                                      "row markers in the WAL that no dbguard proxy wrote", value=rows.forged_markers)
+            yield CounterMetricFamily("dbguard_row_evidence_gaps",
+                                      "times the replication slot was gone and created again", value=rows.gaps)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -343,3 +343,35 @@ def test_a_client_cannot_pose_as_a_dbguard_marker(rows_pg: Postgres, tmp_path):
     assert entry["attributed"] is False and entry["forged_marker"]["session"] == "someone-else"
     assert "session" not in entry and entry["changes"][0]["new"]["balance"] == "5.00"
     assert "a marker that no dbguard proxy wrote" in proxy.log()
+
+
+def test_a_dropped_slot_is_created_again_and_the_gap_is_recorded(rows_pg: Postgres, tmp_path):
+    from tests.audit.test_ledger_e2e import metrics
+    from tests.fix_postgres import free_port
+
+    port = free_port()
+    proxy = rows_proxy(rows_pg, tmp_path, "--metrics-listen", f"127.0.0.1:{port}")
+    db = tmp_path / "ledger.db"
+    try:
+        wait_until(lambda: metrics(port).get("dbguard_row_evidence_streaming") == 1, timeout=20, what="streaming")
+        # someone with the rights drops the slot under the running proxy (which retries after 1 s)
+        rows_pg.psql("""DO $$ DECLARE pid int; BEGIN
+            SELECT active_pid INTO pid FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%';
+            PERFORM pg_terminate_backend(pid);
+            FOR i IN 1..100 LOOP
+              EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%' AND active);
+              PERFORM pg_sleep(0.01);
+            END LOOP;
+            PERFORM pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%';
+            END $$""", db="postgres")
+        wait_until(lambda: metrics(port).get("dbguard_row_evidence_gaps_total") == 1, timeout=20, what="a new slot")
+        wait_until(lambda: metrics(port).get("dbguard_row_evidence_streaming") == 1, timeout=20, what="streaming")
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 77 WHERE id = 1")
+        wait_until(lambda: any(e.get("changes") for e in rows_entries(db)), timeout=20, what="rows after the gap")
+    finally:
+        proxy.stop()
+    entries = rows_entries(db)
+    assert entries[0]["gap"] is True and "does not exist" in entries[0]["reason"]
+    assert entries[-1]["changes"][0]["new"]["balance"] == "77.00"
+    assert "was gone" in proxy.log()

@@ -348,7 +348,14 @@ class RowEvidence:
         self._seen_end = 0  # the furthest WAL position the server said it sent
         self._flushed = 0  # transactions ending at or before this are in the ledger
         self.recorded = 0
+        self.forged = 0  # markers no proxy wrote, in earlier streams (see ``forged_markers``)
+        self.gaps = 0  # times the slot had to be created again: what changed meanwhile is not recorded
+        self.streaming = False
         self.last_error = ""
+
+    @property
+    def forged_markers(self) -> int:
+        return self.forged + (self.attributor.forged if self.attributor is not None else 0)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(**self._upstream.conninfo("dbguard-row-evidence"),
@@ -471,7 +478,9 @@ class RowEvidence:
             if first is None or first[0] != 0x57:  # 'W' CopyBothResponse
                 fields = decode_error_fields(first[1]) if first is not None and first[0] == 0x45 else {}
                 raise ConnectionError(f"START_REPLICATION failed: {fields.get('M', first)}")
+            self.forged = self.forged_markers
             self.attributor = Attributor(self.chain, self._watched, self._mask, all_chains=self.shared, key=self.key)
+            self.streaming = True
             if self.last_error:
                 log.info("row evidence: streaming slot %s", self.slot)
                 self.last_error = ""
@@ -515,7 +524,19 @@ class RowEvidence:
                     self._feedback(frames)
                     last_feedback = now
         finally:
+            self.streaming = False
             frames.close()
+
+    async def _recreate_slot(self, why: str) -> None:
+        """The slot is gone (dropped by someone): create it again and record the gap, loudly."""
+        async with await self._connect() as conn:
+            await self._ensure_slot(conn)
+        self.gaps += 1
+        log.error("row evidence: replication slot %s was gone (%s); created again: changes made meanwhile are not "
+                  "recorded", self.slot, why)
+        wait = self.events.emit(EventKind.ROWS, {"gap": True, "slot": self.slot, "reason": why}, durable=True)
+        if wait is not None:
+            await wait
 
     async def run(self) -> None:
         """Stream until stopped; reconnects after errors (the slot keeps what was not recorded)."""
@@ -531,6 +552,10 @@ class RowEvidence:
                     if not standby:
                         log.error("row evidence: %s; what was not recorded waits in slot %s", exc, self.slot)
                     return
+                if "does not exist" in str(exc) and "slot" in str(exc):
+                    with contextlib.suppress(Exception):
+                        await self._recreate_slot(str(exc))
+                        continue
                 if str(exc) != self.last_error:
                     if standby:
                         log.info("row evidence: slot %s is streamed by another proxy; standing by", self.slot)
