@@ -22,6 +22,7 @@ from dbguard.pgwire import BackendRelay, RemoteProtocolError
 KEY = b"k" * 32
 STRATEGIES = [("email", ()), ("partial", (("keepFirst", 3), ("keepLast", 2))), ("partial", ()),
               ("partial", (("keepFirst", 0), ("keepLast", 0), ("fill", "#"))), ("partial", (("fill", "é"),)),
+              ("partial", (("keepFirst", 2**62), ("keepLast", 2**62))),
               ("redact", ()), ("redact", (("with", "XX"),)), ("redact", (("with", "ñ"),)), ("hash", ()),
               ("hash", (("length", 8), ("prefix", "x:"))), ("null", ())]
 TYPES = [25, 1043, 1042, 19, 705, 23, 20, 21, 16, 700, 701, 1700, 3802, 1082]

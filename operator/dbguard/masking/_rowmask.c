@@ -201,7 +201,8 @@ static int parse_steps(PyObject *steps, Step *out, Py_ssize_t count) {
                 goto bad;
             break;
         case K_PARTIAL:
-            if (!PyCallable_Check(s->a) || !PyLong_Check(s->b) || s->first < 0 || s->last < 0)
+            if (!PyCallable_Check(s->a) || !PyLong_Check(s->b) || s->first < 0 || s->last < 0 ||
+                s->first > (1 << 30) || s->last > (1 << 30))
                 goto bad;
             s->fill = (int)PyLong_AsLong(s->b);
             if (s->fill < 0 || s->fill > 127)

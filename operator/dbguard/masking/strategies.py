@@ -53,6 +53,7 @@ EMAIL = 1  # a + the bytes after the last "@"; b without "@"
 PARTIAL = 2  # ASCII: keep `first` and `last` bytes, fill the rest with byte b; otherwise the callable a
 CALL = 3  # the callable a: bytes -> bytes or None
 Step = tuple[int, Any, Any, int, int]
+_MAX_KEEP = 1 << 30  # PARTIAL's first and last: past any field's length, and no overflow in C
 
 
 def row_step(strategy: str, options: dict[str, Any], type_oid: int, binary: bool, hash_key: bytes) -> Step:
@@ -76,7 +77,7 @@ def row_step(strategy: str, options: dict[str, Any], type_oid: int, binary: bool
     fill = str(options.get("fill", "*")).encode()
     first = int(options.get("keepFirst", 0))
     last = int(options.get("keepLast", 4))
-    if strategy == "partial" and len(fill) == 1 and first >= 0 and last >= 0:
+    if strategy == "partial" and len(fill) == 1 and 0 <= first <= _MAX_KEEP and 0 <= last <= _MAX_KEEP:
         def partial(value: bytes) -> bytes:  # the values that are not ASCII
             return mask_text("partial", options, value.decode("utf-8", "replace"), hash_key).encode()
         return (PARTIAL, partial, fill[0], first, last)

@@ -102,6 +102,7 @@ class BackendRelay:
             self._skip = 0
         pieces: list[bytes] | None = None
         copied = 0  # data[:copied] is already in pieces
+        on_rows = self._on_rows
         while pos < n:
             if n - pos < 5:
                 self._pending = data[pos:]
@@ -111,8 +112,8 @@ class BackendRelay:
             if length < 4:
                 raise RemoteProtocolError(f"server sent an invalid message length {length}")
             end = pos + 1 + length
-            if type_code == 0x44 and self._on_rows is not None:  # DataRow: the run that starts here
-                replacement, after = self._on_rows(data, pos, n)
+            if type_code == 0x44 and on_rows is not None:  # DataRow: the run that starts here
+                replacement, after = on_rows(data, pos, n)
                 if after > pos:
                     if replacement is not None:
                         if pieces is None:
