@@ -15,13 +15,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/dbguard
 WORKDIR /src
+# The compiled dependencies (pglast, regopy, uvloop, psycopg-binary, ...) come as manylinux wheels
+# (some need glibc 2.34; bookworm has 2.36). dbguard's own DataRow masker is C (masking/_rowmask.c):
+# gcc builds it in this stage only; the runtime image gets the built module, not the compiler.
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY operator ./operator
-# The compiled dependencies (pglast, regopy, uvloop, psycopg-binary, ...) come as manylinux wheels
-# (some need glibc 2.34; bookworm has 2.36), so no compiler is needed. pip byte-compiles the venv
-# here, so the read-only runtime never has to. The import line proves both commands' modules load.
+# pip byte-compiles the venv here, so the read-only runtime never has to. The import line proves
+# both commands' modules load, and that the masker was compiled (it is optional to pip).
 RUN /opt/dbguard/bin/pip install . \
- && /opt/dbguard/bin/python -c "import dbguard.cli, dbguard.session.cli, dbguard.controller.handlers" \
+ && /opt/dbguard/bin/python -c "import dbguard.cli, dbguard.session.cli, dbguard.controller.handlers, dbguard.masking._rowmask" \
  && /opt/dbguard/bin/dbguard --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -7,7 +7,8 @@ lets any exception dbguard does not document escape: both are crashes to the fuz
 
 ``pgwire``  the sans-IO wire code: ``FrontendParser`` (start-up packets and every typed message,
             size caps, any chunking), ``BackendRelay`` / ``BackendStartupReader`` and
-            ``decode_error_fields`` (what the server sends).
+            ``decode_error_fields`` (what the server sends); with rows watched, the compiled DataRow
+            masker and its Python twin must agree on every run of rows (output or refusal).
 ``analyze`` the statement analyzer: ``analyze.analyze``, ``recorded_text`` and the session's
             ``FactsCache`` paths must raise nothing but ``AnalysisError`` for any text, agree with
             each other, and a cache hit under a normalized key must give the facts a fresh
@@ -23,6 +24,8 @@ import orjson
 
 from dbguard import analyze
 from dbguard.analyze import facts as F
+from dbguard.masking import rows as mask_rows
+from dbguard.masking.rules import ColumnMask
 from dbguard.pgwire import (
     NEED_DATA,
     BackendRelay,
@@ -246,6 +249,9 @@ def _backend(stream: bytes, step: int, *, watch_rows: bool) -> None:
         if not whole_err:
             assert split_out == whole_out, "the relay's output depends on how the server's bytes were split"
 
+    if watch_rows:
+        _row_maskers_agree(stream, [0, *(pos for pos, _ in _starts(frames))])
+
     # BackendStartupReader: whole messages up to 1 MiB each.
     reader = BackendStartupReader()
     reader.receive_data(stream)
@@ -257,6 +263,37 @@ def _backend(stream: bytes, step: int, *, watch_rows: bool) -> None:
         pass
     ref, _ = _frames(stream, frozenset(range(256)), MAX_BACKEND_CONTROL_MESSAGE)
     assert got == [(chr(c), p) for c, p in ref]
+
+
+def _starts(frames: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for code, payload in frames:
+        pos += 5 + len(payload)
+        out.append((pos, code))
+    return out
+
+
+_FUZZ_STEPS = mask_rows.MaskPlan((
+    (1, ColumnMask("email", (), "fuzz"), 25, False),
+    (2, ColumnMask("partial", (("keepFirst", 1), ("keepLast", 2)), "fuzz"), 1043, True),
+    (3, ColumnMask("hash", (), "fuzz"), 25, False),
+    (5, ColumnMask("redact", (), "fuzz"), 23, True)), ()).compile(b"fuzz-key")
+
+
+def _row_maskers_agree(stream: bytes, starts: list[int]) -> None:
+    if mask_rows._mask_rows_c is None:
+        return
+    for pos in starts:
+        for steps in (_FUZZ_STEPS, ()):
+            answers = []
+            for compiled in (True, False):
+                try:
+                    answers.append(mask_rows._mask_rows_c(stream, pos, len(stream), 1 << 20, steps,
+                                                          mask_rows.MalformedRow) if compiled
+                                   else mask_rows._mask_rows_py(stream, pos, len(stream), 1 << 20, steps))
+                except mask_rows.MalformedRow as exc:
+                    answers.append(str(exc))
+            assert answers[0] == answers[1], "the compiled DataRow masker and its Python twin disagree"
 
 
 def _rebuilt(payload: bytes) -> bytes:

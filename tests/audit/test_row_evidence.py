@@ -375,3 +375,18 @@ def test_a_dropped_slot_is_created_again_and_the_gap_is_recorded(rows_pg: Postgr
     assert entries[0]["gap"] is True and "does not exist" in entries[0]["reason"]
     assert entries[-1]["changes"][0]["new"]["balance"] == "77.00"
     assert "was gone" in proxy.log()
+
+
+def test_returning_rows_are_masked_and_the_marker_row_never_shows(rows_pg: Postgres, tmp_path):
+    proxy = rows_proxy(rows_pg, tmp_path)  # e-mail masked for everyone in this policy
+    try:
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            for binary in (False, True):
+                got = conn.execute("UPDATE customers SET balance = balance + 1 WHERE id <= 2 RETURNING id, email",
+                                   binary=binary).fetchall()
+                assert sorted(got) == [(1, "****@example.com"), (2, "****@example.com")]
+        out = psql(proxy, "UPDATE customers SET balance = 3 WHERE id = 1 RETURNING email")
+        assert out.splitlines()[0] == "****@example.com" and "UPDATE 1" in out, out
+        wait_until(lambda: len(rows_entries(tmp_path / "ledger.db")) >= 3, timeout=20, what="row evidence")
+    finally:
+        proxy.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbguard.masking.copy import CopyPlan, mask_copy_row
+from dbguard.masking.copy import CopyPlan, _text_masker, mask_copy_row
 
 REDACT = {1: lambda v: "****"}
 
@@ -14,6 +14,14 @@ def test_text_format_masks_the_field_and_keeps_escapes_and_null():
     plan = CopyPlan(maskers=REDACT)
     assert mask_copy_row(b"1\tsecret\\tvalue\tx\\\\y\n", plan) == b"1\t****\tx\\\\y\n"
     assert mask_copy_row(b"1\t\\N\tz\n", plan) == b"1\t\\N\tz\n"
+
+
+def test_the_null_strategy_gives_the_formats_null_never_the_value():
+    plan = CopyPlan(maskers={1: _text_masker("null", {}, b"k")})
+    assert mask_copy_row(b"1\t123-45-6789\tx\n", plan) == b"1\t\\N\tx\n"
+    plan_with_null = CopyPlan(maskers={1: _text_masker("null", {}, b"k")}, csv=True, delimiter=",", null="")
+    assert mask_copy_row(b'1,123-45-6789,x\n', plan_with_null) == b"1,,x\n"
+    assert mask_copy_row(b'1,"123-45-6789",x\n', plan_with_null) == b"1,,x\n"
 
 
 def test_text_format_with_a_custom_delimiter_respects_escaped_delimiters():

@@ -23,7 +23,7 @@ from dbguard.masking.strategies import mask_text
 class CopyPlan:
     """How to mask one COPY's rows: field index -> text masker, and the format's rules."""
 
-    maskers: dict[int, Callable[[str], str]]
+    maskers: dict[int, Callable[[str], str | None]]  # None: NULL
     csv: bool = False
     delimiter: str = "\t"
     null: str = "\\N"
@@ -57,7 +57,7 @@ def plan_copy(stmt: ast.CopyStmt, masks: IdentityMasks, hash_key: bytes) -> Copy
     if stmt.is_from or stmt.filename is not None or stmt.is_program:
         return None  # a write, or output that goes to a server file or program, not to the client
     columns = _output_columns(stmt, masks)
-    maskers: dict[int, Callable[[str], str]] = {}
+    maskers: dict[int, Callable[[str], str | None]] = {}
     names = []
     for i, (name, origin) in enumerate(columns):
         found = masks.by_attribute.get(origin) if origin else None
@@ -82,8 +82,11 @@ def plan_copy(stmt: ast.CopyStmt, masks: IdentityMasks, hash_key: bytes) -> Copy
                     header=bool(header) and str(header).lower() not in ("false", "0", "off"), columns=tuple(names))
 
 
-def _text_masker(strategy: str, options: dict, hash_key: bytes) -> Callable[[str], str]:
-    return lambda value: mask_text(strategy, options, value, hash_key) if strategy != "null" else value
+def _text_masker(strategy: str, options: dict, hash_key: bytes) -> Callable[[str], str | None]:
+    """A field's text -> its masked text; None: the format's NULL (the ``null`` strategy)."""
+    if strategy == "null":
+        return lambda value: None
+    return lambda value: mask_text(strategy, options, value, hash_key)
 
 
 def _output_columns(stmt: ast.CopyStmt, masks: IdentityMasks) -> list[tuple[str, tuple[int, int] | None]]:
@@ -155,14 +158,16 @@ def mask_copy_row(data: bytes, plan: CopyPlan) -> bytes:
         for i, (value, quoted) in enumerate(fields):
             masker = plan.maskers.get(i)
             if masker is not None and (quoted or value != plan.null):
-                value, quoted = masker(value), True
+                masked = masker(value)
+                value, quoted = (plan.null, False) if masked is None else (masked, True)
             out.append(_quote_csv(value, plan) if quoted else value)
         return (plan.delimiter.join(out) + end).encode()
     fields_text = _split_text(body, plan.delimiter)
     for i, raw in enumerate(fields_text):
         masker = plan.maskers.get(i)
         if masker is not None and raw != plan.null:
-            fields_text[i] = _escape_text(masker(_unescape_text(raw)), plan.delimiter)
+            masked = masker(_unescape_text(raw))
+            fields_text[i] = plan.null if masked is None else _escape_text(masked, plan.delimiter)
     return (plan.delimiter.join(fields_text) + end).encode()
 
 

@@ -46,41 +46,81 @@ def mask_value(strategy: str, options: dict[str, Any], value: bytes, type_oid: i
     return mask_text(strategy, options, text, hash_key).encode("utf-8")
 
 
-def masker(strategy: str, options: dict[str, Any], type_oid: int, binary: bool,
-           hash_key: bytes) -> Callable[[bytes], bytes | None]:
-    """A function from one field's bytes to its masked bytes (None: NULL), specialised once per plan.
+# How the row masker rewrites one field: (kind, a, b, first, last). The compiled row masker
+# (_rowmask.c) and its Python twin (rows._mask_rows_py) read the same steps.
+CONST = 0  # a: the masked value (bytes, or None for NULL), whatever the input
+EMAIL = 1  # a + the bytes after the last "@"; b without "@"
+PARTIAL = 2  # ASCII: keep `first` and `last` bytes, fill the rest with byte b; otherwise the callable a
+CALL = 3  # the callable a: bytes -> bytes or None
+Step = tuple[int, Any, Any, int, int]
+_MAX_KEEP = 1 << 30  # PARTIAL's first and last: past any field's length, and no overflow in C
 
-    The common strategies work on the bytes directly (ASCII fast paths); anything else goes
-    through ``mask_value``, which defines the result.
+
+def row_step(strategy: str, options: dict[str, Any], type_oid: int, binary: bool, hash_key: bytes) -> Step:
+    """The step that masks one field of a DataRow, specialised once per plan (NULL stays NULL).
+
+    The common strategies work on the bytes directly (ASCII fast paths; "@" never occurs inside a
+    multi-byte UTF-8 sequence); anything else goes through ``mask_value``, which defines the result.
     """
     if strategy == "null":
-        return lambda value: None
-    if type_oid not in TEXT_TYPES or strategy == "hash":
-        return lambda value: mask_value(strategy, options, value, type_oid, binary, hash_key)
+        return (CONST, None, None, 0, 0)
+    if type_oid not in TEXT_TYPES:
+        # mask_value: redact gives the type's zero (NULL for unknown types), anything else NULL
+        zero = (_ZERO_BINARY if binary else _ZERO_TEXT).get(type_oid) if strategy == "redact" else None
+        return (CONST, zero, None, 0, 0)
     if strategy == "redact":
-        constant = str(options.get("with", REDACTED)).encode()
-        return lambda value: constant
+        return (CONST, str(options.get("with", REDACTED)).encode(), None, 0, 0)
     if strategy == "email":
-        prefix = REDACTED.encode() + b"@"
+        return (EMAIL, REDACTED.encode() + b"@", REDACTED.encode(), 0, 0)
+    if strategy == "hash":
+        return (CALL, _hasher(options, hash_key), None, 0, 0)
+    fill = str(options.get("fill", "*")).encode()
+    first = int(options.get("keepFirst", 0))
+    last = int(options.get("keepLast", 4))
+    if strategy == "partial" and len(fill) == 1 and 0 <= first <= _MAX_KEEP and 0 <= last <= _MAX_KEEP:
+        def partial(value: bytes) -> bytes:  # the values that are not ASCII
+            return mask_text("partial", options, value.decode("utf-8", "replace"), hash_key).encode()
+        return (PARTIAL, partial, fill[0], first, last)
+    return (CALL, lambda value: mask_value(strategy, options, value, type_oid, binary, hash_key), None, 0, 0)
 
+
+def _hasher(options: dict[str, Any], hash_key: bytes) -> Callable[[bytes], bytes]:
+    """mask_text's hash on bytes: the keyed HMAC state is set up once and copied per value."""
+    prefix = str(options.get("prefix", "h:")).encode()
+    length = int(options.get("length", 16))
+    keyed = hmac.new(hash_key, digestmod=hashlib.sha256)
+
+    def hash_value(value: bytes) -> bytes:
+        if not value.isascii():  # what mask_text hashes: the text as decoded, invalid bytes replaced
+            value = value.decode("utf-8", "replace").encode("utf-8")
+        h = keyed.copy()
+        h.update(value)
+        return prefix + h.hexdigest()[:length].encode()
+    return hash_value
+
+
+def step_function(step: Step) -> Callable[[bytes], bytes | None]:
+    """One non-NULL field's bytes -> its masked bytes (None: NULL): what the compiled row masker does."""
+    kind, a, b, first, last = step
+    if kind == CONST:
+        return lambda value: a
+    if kind == EMAIL:
         def email(value: bytes) -> bytes:
             at = value.rfind(b"@")
-            return prefix + value[at + 1:] if at >= 0 else REDACTED.encode()
+            return a + value[at + 1:] if at >= 0 else b
         return email
-    if strategy == "partial" and len(str(options.get("fill", "*")).encode()) == 1:
-        first = int(options.get("keepFirst", 0))
-        last = int(options.get("keepLast", 4))
-        fill = str(options.get("fill", "*")).encode()
+    if kind == PARTIAL:
+        fill = bytes((b,))
 
-        def partial(value: bytes) -> bytes:
+        def partial(value: bytes) -> bytes | None:
             if not value.isascii():
-                return mask_text("partial", options, value.decode("utf-8", "replace"), hash_key).encode()
+                return a(value)
             n = len(value)
             if first + last >= n:
                 return fill * n
             return value[:first] + fill * (n - first - last) + (value[n - last:] if last else b"")
         return partial
-    return lambda value: mask_value(strategy, options, value, type_oid, binary, hash_key)
+    return a
 
 
 def mask_text(strategy: str, options: dict[str, Any], text: str, hash_key: bytes) -> str:

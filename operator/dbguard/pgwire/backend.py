@@ -59,24 +59,33 @@ HOLD = b"\x00hold"
 
 # Callback: (type byte as int, payload) -> replacement bytes for the whole message, or None to keep it.
 WatchCallback = Callable[[int, bytes], "bytes | None"]
+# Rows callback: (data, pos, end) -> (replacement for data[pos:after] or None to keep it, after). Called
+# at a DataRow, it takes the run of complete DataRows that starts there (after == pos: none taken).
+RowsCallback = Callable[[bytes, int, int], "tuple[bytes | None, int]"]
 
 
 class BackendRelay:
     """Frames server output on its way to the client; see the module docstring."""
 
-    __slots__ = ("_base", "_max", "_on_watched", "_pending", "_skip", "_watched")
+    __slots__ = ("_base", "_max", "_on_rows", "_on_watched", "_pending", "_skip", "_watched")
 
     def __init__(self, on_watched: WatchCallback) -> None:
         self._on_watched = on_watched
+        self._on_rows: RowsCallback | None = None
         self._watched = self._base = WATCHED
         self._max = MAX_BACKEND_CONTROL_MESSAGE
         self._pending = b""  # an incomplete watched message (or header) held back
         self._skip = 0  # bytes of a pass-through message still to come
 
-    def watch_rows(self) -> None:
-        """Also hand over RowDescription, NoData, DataRow and COPY OUT messages (whole): for masking."""
+    def watch_rows(self, on_rows: RowsCallback | None = None) -> None:
+        """Also hand over RowDescription, NoData, DataRow and COPY OUT messages (whole): for masking.
+
+        With ``on_rows``, runs of DataRows go to it in one call per run instead of one callback
+        each (the callback still gets any DataRow ``on_rows`` leaves).
+        """
         self._watched = self._base = self._base | frozenset(b"TnDHdc")  # and COPY OUT: CopyOutResponse, ...
         self._max = MAX_DATA_ROW
+        self._on_rows = on_rows
 
     def watch_also(self, types: bytes, *, for_now: bool = False) -> None:
         """Hand over these message types too: for good, or (``for_now``) until ``watch_less``."""
@@ -107,6 +116,7 @@ class BackendRelay:
             self._skip = 0
         pieces: list[bytes] | None = None
         copied = 0  # data[:copied] is already in pieces
+        on_rows = self._on_rows
         while pos < n:
             if n - pos < 5:
                 self._pending = data[pos:]
@@ -116,6 +126,17 @@ class BackendRelay:
             if length < 4:
                 raise RemoteProtocolError(f"server sent an invalid message length {length}")
             end = pos + 1 + length
+            if type_code == 0x44 and on_rows is not None:  # DataRow: the run that starts here
+                replacement, after = on_rows(data, pos, n)
+                if after > pos:
+                    if replacement is not None:
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(data[copied:pos])
+                        pieces.append(replacement)
+                        copied = after
+                    pos = after
+                    continue
             if type_code in self._watched:
                 if length > self._max:
                     raise RemoteProtocolError(f"server sent a {chr(type_code)!r} message of {length} bytes")

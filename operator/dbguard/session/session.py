@@ -40,7 +40,7 @@ from dbguard.masking.rules import MaskSet
 from dbguard.masking.strategies import redact_detail
 from dbguard.pgwire import NEED_DATA, BackendRelay, FrontendParser, RemoteProtocolError
 from dbguard.pgwire import messages as m
-from dbguard.pgwire.backend import HOLD
+from dbguard.pgwire.backend import HOLD, MAX_DATA_ROW
 from dbguard.policy.decision import Decision, PolicyAction
 from dbguard.session import upstream
 from dbguard.session.completions import CompletionTracker, Pending, redact_message
@@ -439,7 +439,7 @@ class ClientSession(asyncio.Protocol):
         if self.proxy.masking is not None:
             self.mask_set = self.proxy.masking.for_principal(self.principal)
             if self.mask_set is not None:
-                self.relay.watch_rows()
+                self.relay.watch_rows(self._mask_rows)
                 self.relay.watch_also(b"N")  # notices may quote values too
         if self.proxy.row_evidence is not None and self.proxy.row_evidence.active:
             self._rowmarks = RowMarks(self.proxy.row_evidence.chain, self.session_id, self._rfq_seen,
@@ -634,7 +634,8 @@ class ClientSession(asyncio.Protocol):
         self._query_plan = plan  # a simple Query's result
         return None
 
-    def _mask_row(self, payload: bytes) -> bytes | None:
+    def _row_plan(self) -> MaskPlan | None:
+        """The plan of the result whose rows are arriving (looked up at its first row)."""
         plan = self._active_plan
         if plan is None:
             current = self.completions.current()
@@ -645,6 +646,10 @@ class ClientSession(asyncio.Protocol):
             self._active_plan = plan
             if plan and current is not None:
                 current.masked = tuple(dict.fromkeys(current.masked + plan.columns))  # for the ledger
+        return plan
+
+    def _mask_row(self, payload: bytes) -> bytes | None:
+        plan = self._row_plan()
         if plan is None:
             return self._fatal_in_stream("XX000", "dbguard closed the session: it cannot tell which columns of "
                                                   "this result are masked, and will not pass them unmasked")
@@ -653,6 +658,19 @@ class ClientSession(asyncio.Protocol):
         assert self.proxy.masking is not None
         self.proxy.stats.masked_rows += 1
         return mask_data_row(payload, plan, self.proxy.masking.hash_key)
+
+    def _mask_rows(self, data: bytes, pos: int, end: int) -> tuple[bytes | None, int]:
+        """The relay's rows callback: a run of DataRows masked in one call (see BackendRelay.watch_rows)."""
+        if self._rowmarks is not None and self._rowmarks.active:
+            return None, pos  # a row marker's DataRow may be among them: one by one (the DataRow callback)
+        plan = self._row_plan()
+        if plan is None:
+            return None, pos  # the DataRow callback closes the session
+        assert self.proxy.masking is not None
+        out, after, rows = plan.rows(data, pos, end, MAX_DATA_ROW, self.proxy.masking.hash_key)
+        if plan:
+            self.proxy.stats.masked_rows += rows
+        return out, after
 
     def _hold_for_catalog(self) -> None:
         self._holding = bytearray()
