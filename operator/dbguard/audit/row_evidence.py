@@ -296,6 +296,9 @@ class _Frames:
                     return msg
             if self.closed:
                 raise ConnectionError("the server closed the replication connection")
+            if self._paused:  # the next message alone is larger than the buffer limit: read on until it is whole
+                self._paused = False
+                self._conn.transport.resume_reading()
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
