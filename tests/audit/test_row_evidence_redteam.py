@@ -1,0 +1,62 @@
+"""Red-team regressions for row-level evidence: what the markers must never change for the client,
+and what must never wedge or mislead the evidence (docs/ledger.md, "Row-level evidence")."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.audit.test_row_evidence import POLICY, rows_entries, rows_pg, rows_proxy  # noqa: F401 - fixture
+from tests.fix_postgres import Postgres, wait_until
+from tests.hostile.wire import SYNC, Client, bind, execute, parse
+
+UNMASKED = POLICY.split("  masking:")[0]
+
+
+def _types(replies: list[tuple[str, bytes]]) -> list[str]:
+    return [t for t, _ in replies]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_notices_the_marker_raises_do_not_reach_the_client(rows_pg: Postgres, tmp_path, masked: bool):  # noqa: F811
+    """With statement logging sent to the client (log_duration on the server, client_min_messages=log),
+    the server raises a notice for each of the marker's messages. They must not reach the client, and
+    (with masking, where notices are inspected) one between the marker's CommandComplete and its
+    CloseCompletes used to end the swallowing: two stray CloseCompletes reached the client."""
+    rows_pg.psql("ALTER ROLE app SET log_duration = on", db="postgres")
+    proxy = rows_proxy(rows_pg, tmp_path, text=POLICY if masked else UNMASKED)
+    try:
+        c = Client(proxy.port)
+        c.login("alice")
+        c.send(b"Q" + (4 + len(b"SET client_min_messages = log\x00")).to_bytes(4, "big")
+               + b"SET client_min_messages = log\x00")
+        c.until_ready()
+        c.send(parse("", "UPDATE customers SET balance = balance + 1 WHERE id = $1") + bind("", "", (b"1",))
+               + execute("") + SYNC)
+        # straight to the server: 1 N 2 N C N Z (a duration for Parse, Bind and Execute)
+        assert _types(c.until_ready()) == ["1", "N", "2", "N", "C", "N", "Z"]
+        q = b"UPDATE customers SET balance = balance + 1 WHERE id = 2\x00"
+        c.send(b"Q" + (4 + len(q)).to_bytes(4, "big") + q)
+        assert _types(c.until_ready()) == ["C", "N", "Z"]
+        c.close()
+    finally:
+        proxy.stop()
+        rows_pg.psql("ALTER ROLE app RESET log_duration", db="postgres")
+
+
+def test_a_replication_message_larger_than_the_read_buffer_does_not_wedge_the_stream(
+        rows_pg: Postgres, tmp_path):  # noqa: F811
+    """One change whose pgoutput message exceeds the stream's 64 MB buffer used to pause reading with
+    the message incomplete: the stream waited forever, nothing more was recorded and the slot held
+    the WAL. Anyone who can write a published table (even around the proxy) could do it."""
+    proxy = rows_proxy(rows_pg, tmp_path)
+    try:
+        rows_pg.psql("UPDATE customers SET name = repeat('x', 66 * 1024 * 1024), balance = 5 WHERE id = 2")
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 6 WHERE id = 1")
+        wait_until(lambda: len(rows_entries(tmp_path / "ledger.db")) >= 2, timeout=30, what="row evidence")
+    finally:
+        proxy.stop()
+    entries = rows_entries(tmp_path / "ledger.db")
+    assert [e["changes"][0]["new"]["balance"] for e in entries] == ["5.00", "6.00"]
+    assert entries[0]["attributed"] is False and entries[1]["session"]
