@@ -60,3 +60,52 @@ def test_a_replication_message_larger_than_the_read_buffer_does_not_wedge_the_st
     entries = rows_entries(tmp_path / "ledger.db")
     assert [e["changes"][0]["new"]["balance"] for e in entries] == ["5.00", "6.00"]
     assert entries[0]["attributed"] is False and entries[1]["session"]
+
+
+@pytest.mark.xfail(strict=True, reason="changes of a statement the proxy does not mark (transaction control sent "
+                   "with others, CREATE TABLE AS / FETCH running a function) are joined to the marker before "
+                   "them in the transaction: credited to an earlier statement instead of recorded unattributed")
+def test_changes_of_an_unmarked_statement_are_not_credited_to_an_earlier_one(rows_pg: Postgres, tmp_path):  # noqa: F811
+    rows_pg.psql("CREATE FUNCTION bump(i int) RETURNS int LANGUAGE sql AS "
+                 "$$ UPDATE customers SET balance = balance + 1000 WHERE id = i RETURNING id $$; "
+                 "ALTER FUNCTION bump(int) OWNER TO app")
+    proxy = rows_proxy(rows_pg, tmp_path, text=UNMASKED)
+    try:
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("BEGIN")
+            conn.execute("UPDATE customers SET balance = 11 WHERE id = 1")
+            conn.execute("SAVEPOINT s; UPDATE customers SET balance = 22 WHERE id = 2")  # one Query: no marker
+            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            conn.execute("UPDATE customers SET balance = 33 WHERE id = 1")
+            conn.execute("CREATE TEMP TABLE t AS SELECT bump(2)")  # not marked
+            conn.execute("COMMIT")
+        wait_until(lambda: len(rows_entries(tmp_path / "ledger.db")) >= 2, timeout=20, what="row evidence")
+    finally:
+        proxy.stop()
+        rows_pg.psql("DROP FUNCTION IF EXISTS bump(int)")
+    for entry in rows_entries(tmp_path / "ledger.db"):
+        # each attributed entry holds only the row its statement changed (id=1); id=2 is someone else's
+        if entry.get("session"):
+            assert [c["key"]["id"] for c in entry["changes"]] == ["1"], entry
+
+
+@pytest.mark.xfail(strict=True, reason="a Query pipelined behind extended messages that fail (no Sync between) is "
+                   "skipped by the server, but counted as a round trip: the next write Query waits forever for "
+                   "a ReadyForQuery that never comes (_until_idle)")
+def test_a_query_skipped_after_an_extended_error_does_not_hang_the_next_write(rows_pg: Postgres, tmp_path):  # noqa: F811
+    proxy = rows_proxy(rows_pg, tmp_path, text=UNMASKED)
+    try:
+        c = Client(proxy.port, timeout=5)
+        c.login("alice")
+        q1 = b"UPDATE customers SET balance = 1 WHERE id = 1\x00"
+        c.send(parse("", "SELECT 1/0") + bind("", "") + execute("") + b"Q" + (4 + len(q1)).to_bytes(4, "big") + q1
+               + SYNC)
+        # straight to the server: the error skips the Query; the Sync's ReadyForQuery ends it all
+        assert _types(c.until_ready()) == ["1", "E", "Z"]
+        q2 = b"UPDATE customers SET balance = 2 WHERE id = 2\x00"
+        c.send(b"Q" + (4 + len(q2)).to_bytes(4, "big") + q2)
+        assert _types(c.until_ready()) == ["C", "Z"]
+        c.close()
+    finally:
+        proxy.stop()
