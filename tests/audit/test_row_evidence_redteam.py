@@ -109,3 +109,24 @@ def test_a_query_skipped_after_an_extended_error_does_not_hang_the_next_write(ro
         c.close()
     finally:
         proxy.stop()
+
+
+def test_a_slot_dropped_under_the_proxy_is_created_again(rows_pg: Postgres, tmp_path):  # noqa: F811
+    """A DBA (or anyone with the proxy's REPLICATION role) terminates the stream and drops the slot: the
+    proxy used to retry START_REPLICATION forever ("the slot keeps the changes"), recording nothing."""
+    proxy = rows_proxy(rows_pg, tmp_path, "--row-evidence-slot", "dbguard_redteam", text=UNMASKED)
+    active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'dbguard_redteam'"
+    try:
+        wait_until(lambda: rows_pg.psql(active, db="postgres").strip() == "t", timeout=10, what="the stream")
+        rows_pg.psql("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                     "WHERE slot_name = 'dbguard_redteam'", db="postgres")
+        wait_until(lambda: rows_pg.psql(active, db="postgres").strip() != "t", timeout=10, what="the stream to end")
+        rows_pg.psql("SELECT pg_drop_replication_slot('dbguard_redteam')", db="postgres", check=False)
+        wait_until(lambda: rows_pg.psql(active, db="postgres").strip() == "t", timeout=10, what="a new slot")
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            conn.execute("UPDATE customers SET balance = 7 WHERE id = 1")
+        wait_until(lambda: rows_entries(tmp_path / "ledger.db"), timeout=10, what="row evidence")
+    finally:
+        proxy.stop()
+    assert [e["changes"][0]["new"]["balance"] for e in rows_entries(tmp_path / "ledger.db")] == ["7.00"]
+    assert "slot dbguard_redteam was dropped" in proxy.log()

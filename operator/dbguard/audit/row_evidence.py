@@ -534,6 +534,18 @@ class RowEvidence:
                     if not standby:
                         log.error("row evidence: %s; what was not recorded waits in slot %s", exc, self.slot)
                     return
+                if f'replication slot "{self.slot}" does not exist' in str(exc):
+                    # Dropped under the proxy: nothing would ever be recorded again. What was committed
+                    # between the drop and now is lost with the slot; everything from here is recorded.
+                    log.error("row evidence: slot %s was dropped; changes committed since the last recorded "
+                              "transaction are not in the ledger; creating it again", self.slot)
+                    try:
+                        async with await self._connect() as conn:
+                            await self._ensure_slot(conn)
+                        self.last_error = ""
+                        continue
+                    except (psycopg.Error, OSError, ConfigError) as again:
+                        exc = again
                 if str(exc) != self.last_error:
                     if standby:
                         log.info("row evidence: slot %s is streamed by another proxy; standing by", self.slot)
