@@ -32,6 +32,7 @@ from psycopg import sql
 
 from dbguard.audit import pgoutput
 from dbguard.audit.events import EventKind, EventSink
+from dbguard.audit.writer import LedgerUnavailable
 from dbguard.config import UpstreamSettings
 from dbguard.errors import ConfigError
 from dbguard.pgwire.messages import decode_error_fields, encode_query
@@ -296,6 +297,9 @@ class _Frames:
                     return msg
             if self.closed:
                 raise ConnectionError("the server closed the replication connection")
+            if self._paused:  # the next message alone is larger than the buffer limit: read on until it is whole
+                self._paused = False
+                self._conn.transport.resume_reading()
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
@@ -552,10 +556,16 @@ class RowEvidence:
                     if not standby:
                         log.error("row evidence: %s; what was not recorded waits in slot %s", exc, self.slot)
                     return
-                if "does not exist" in str(exc) and "slot" in str(exc):
-                    with contextlib.suppress(Exception):
+                if f'replication slot "{self.slot}" does not exist' in str(exc):
+                    # Dropped under the proxy: nothing would ever be recorded again. What was committed
+                    # between the drop and now is lost with the slot (the gap is recorded); from here on
+                    # everything is.
+                    try:
                         await self._recreate_slot(str(exc))
+                        self.last_error = ""
                         continue
+                    except (psycopg.Error, OSError, ConfigError, LedgerUnavailable) as again:
+                        exc = again
                 if str(exc) != self.last_error:
                     if standby:
                         log.info("row evidence: slot %s is streamed by another proxy; standing by", self.slot)

@@ -8,7 +8,8 @@ client's transaction, explicit or implicit):
 
 with a statement and portal name of its own, so the client's unnamed statement and portal are
 untouched. The server answers ParseComplete, BindComplete, one DataRow carrying the tag,
-CommandComplete, CloseComplete, CloseComplete; none of it may reach the client.
+CommandComplete, CloseComplete, CloseComplete; none of it may reach the client, nor the notices
+the server raises while it runs them (log_duration, debug_print_plan with client_min_messages=log).
 ParseComplete and BindComplete carry nothing to recognise them by, so the session counts the
 Parse and Bind messages the client sent in each round trip (Sync to Sync) before the marker: the
 server answers in order, so once that many have come back, the next two are the marker's. Its
@@ -41,7 +42,7 @@ def _cstr(text: str) -> bytes:
 
 
 class _Marker:
-    __slots__ = ("before", "ours_seen", "query", "row", "sync_no")
+    __slots__ = ("before", "errored", "ours_seen", "query", "row", "sync_no")
 
     def __init__(self, row: bytes, sync_no: int, query: bool, before: int) -> None:
         self.row = row  # the DataRow our Execute returns
@@ -49,6 +50,7 @@ class _Marker:
         self.query = query  # sent just before a simple Query (no Sync between them)
         self.before = before  # the client's Parse/Bind messages in this round trip ahead of it
         self.ours_seen = 0  # of our ParseComplete and BindComplete
+        self.errored = False  # an ErrorResponse came after our ParseComplete: it did not run
 
 
 class RowMarks:
@@ -100,6 +102,8 @@ class RowMarks:
             if type_code == self._swallow[0]:
                 self._swallow.pop(0)
                 return True
+            if type_code == 0x4E:  # a notice our Execute raised (log_duration, client_min_messages=log ...)
+                return True
             self._swallow.clear()  # the server answered otherwise: handle it as the client's
         rt = self._rfq + 1
         head = self._inflight[0] if self._inflight and self._inflight[0].sync_no == rt else None
@@ -116,6 +120,12 @@ class RowMarks:
             self._inflight.popleft()
             self._swallow = list(_AFTER_ROW)
             return True
+        if head is None or not head.ours_seen or head.errored:
+            return False
+        if type_code == 0x4E:  # between our ParseComplete and our DataRow every message is the marker's
+            return True
+        if type_code == 0x45:
+            head.errored = True
         return False
 
     def error_skips_query(self) -> bool:

@@ -518,7 +518,7 @@ class ClientSession(asyncio.Protocol):
                 return b""  # a row marker's answer: not for the client
             if type_code in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete: the client's
                 return None
-            if type_code == 0x44 and self.mask_set is None:
+            if (type_code == 0x44 or type_code == 0x4E) and self.mask_set is None:
                 return None
             if type_code == 0x45 and marks.error_skips_query() and self.upstream is not None:
                 # The marker before a simple Query failed: the server now skips the Query and waits
@@ -838,7 +838,7 @@ class ClientSession(asyncio.Protocol):
         self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
         if self._rowmarks is not None and self._wants_mark(portal[0]):
             self._out += self._rowmarks.mark(stmt, self._syncs_sent + 1, before_query=False)
-            self.relay.watch_also(b"D", for_now=True)
+            self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
         self._out += msg.raw
         return None
 
@@ -991,7 +991,7 @@ class ClientSession(asyncio.Protocol):
         self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
         if self._rowmarks is not None and self._wants_mark(verdict.statements):
             self._out += self._rowmarks.mark(stmt, self._syncs_sent, before_query=True)
-            self.relay.watch_also(b"D", for_now=True)
+            self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
         self._out += msg.raw
         return None
 
