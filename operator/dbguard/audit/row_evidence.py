@@ -44,6 +44,7 @@ log = logging.getLogger("dbguard.audit.rows")
 
 MARKER_PREFIX = "dbguard"
 MAX_CHANGES_PER_STATEMENT = 1000  # rows recorded per statement; the entry counts them all
+MAX_VALUE = 1024  # characters of one value kept; longer ones keep their start, length and digest
 
 # Masks of the ledger's copy of values: (schema, table, column) -> masked text for a clear text value.
 ValueMask = Callable[[str, str, str], Callable[[str], str] | None]
@@ -216,7 +217,15 @@ class Attributor:
         if value is pgoutput.UNCHANGED:
             return {"unchanged": True}  # a TOASTed value the UPDATE did not touch: not sent by the server
         mask = self._mask(watch.schema, watch.name, column) if self._mask is not None else None
-        return mask(str(value)) if mask is not None else value
+        text = mask(str(value)) if mask is not None else str(value)
+        if text is not None and len(text) > MAX_VALUE:
+            digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+            return {"start": text[:MAX_VALUE], "length": len(text), "sha256": digest}
+        return text
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._begin is not None
 
     def _commit(self, msg: pgoutput.Commit) -> list[dict[str, Any]]:
         begin, segments = self._begin, self._segments
@@ -490,6 +499,7 @@ class RowEvidence:
                 self.last_error = ""
             batch: list[dict[str, Any]] = []
             batch_end = 0
+            skipping = False
             since = 0.0
             last_feedback = time.monotonic()
             while True:
@@ -505,6 +515,14 @@ class RowEvidence:
                         _start, end, _sent = _XLOG.unpack_from(payload, 1)
                         self._seen_end = max(self._seen_end, end)
                         decoded = pgoutput.decode(payload[1 + _XLOG.size:])
+                        if isinstance(decoded, pgoutput.Begin):
+                            # Sent again after a reconnect (the server may not have kept our last
+                            # confirmation across its restart): recorded already, skip it.
+                            skipping = decoded.final_lsn < self._flushed
+                        if skipping and not isinstance(decoded, pgoutput.Relation):
+                            if isinstance(decoded, pgoutput.Commit):
+                                skipping = False
+                            continue
                         done = self.attributor.feed(decoded)
                         if isinstance(decoded, pgoutput.Commit):
                             batch += done
@@ -513,6 +531,10 @@ class RowEvidence:
                     elif kind == 0x64 and payload[:1] == b"k":  # primary keepalive
                         wal_end, _sent, reply = _KEEPALIVE.unpack_from(payload, 1)
                         self._seen_end = max(self._seen_end, wal_end)
+                        if not batch_end and not self.attributor.in_transaction:
+                            # Everything sent so far is recorded: confirm it (as pg_recvlogical does), or
+                            # a shutting-down server waits for us forever.
+                            self._flushed = max(self._flushed, wal_end)
                         if reply:
                             self._feedback(frames)
                 now = time.monotonic()
@@ -583,14 +605,16 @@ class RowEvidence:
         if self.active:
             self._task = asyncio.get_running_loop().create_task(self.run())
 
+    async def _insert_lsn(self) -> str:
+        async with await self._connect() as conn:
+            return (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Record what the server has committed up to now, then end the stream."""
         if self._task is None:
             return
         try:
-            async with await self._connect() as conn:
-                lsn = (await (await conn.execute("SELECT pg_current_wal_insert_lsn()::text")).fetchone())[0]
-            self._stop_at = pgoutput.parse_lsn(lsn)
+            self._stop_at = pgoutput.parse_lsn(await asyncio.wait_for(self._insert_lsn(), timeout / 2))
             if self._frames is not None:
                 self._frames.wake()
             await asyncio.wait_for(asyncio.shield(self._task), timeout)

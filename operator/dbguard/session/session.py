@@ -155,6 +155,9 @@ class ClientSession(asyncio.Protocol):
         # row evidence (dbguard.session.rowmarks): a marker goes into the transaction before each write
         self._rowmarks: RowMarks | None = None
         self._tx_status = "I"  # as of the latest ReadyForQuery
+        self._mark_rt = 0  # the round trip of the latest marker
+        self._idle_rt = 0  # the latest ReadyForQuery that said "idle": no transaction
+        self._batch_mark = False  # a marker ran in this extended batch's transaction (until Sync or COMMIT ...)
         self._idle_waiters: list[asyncio.Future[None]] = []  # steps waiting for every round trip to be answered
 
     # -- transport callbacks ---------------------------------------------------------------------
@@ -542,6 +545,8 @@ class ClientSession(asyncio.Protocol):
             status = chr(payload[0]) if payload else "I"
             self._rfq_seen += 1
             self._tx_status = status
+            if status == "I":
+                self._idle_rt = self._rfq_seen
             if marks is not None:
                 marks.ready(self._rfq_seen)
             if self._idle_waiters and self._rfq_seen >= self._syncs_sent:
@@ -836,15 +841,21 @@ class ClientSession(asyncio.Protocol):
         if deferred is not None:  # the first Execute writes the read's decision; later pieces add completions
             self._portals[msg.portal] = (portal[0], stmt, None)
         self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
-        if self._rowmarks is not None and self._wants_mark(portal[0]):
-            self._out += self._rowmarks.mark(stmt, self._syncs_sent + 1, before_query=False)
-            self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
+        if self._rowmarks is not None:
+            if self._wants_mark(portal[0]):
+                self._out += self._rowmarks.mark(stmt, self._syncs_sent + 1, before_query=False)
+                self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
+                self._mark_rt = self._syncs_sent + 1
+                self._batch_mark = True
+            if any(f.kind == "TransactionStmt" for f in portal[0]):
+                self._batch_mark = False  # COMMIT / ROLLBACK / BEGIN: perhaps another transaction from here
         self._out += msg.raw
         return None
 
     def _on_sync(self, msg: m.Sync) -> None:
         self._discard_until_sync = False
         self._in_batch = False
+        self._batch_mark = False
         self._syncs_sent += 1
         self._out += msg.raw
 
@@ -900,6 +911,13 @@ class ClientSession(asyncio.Protocol):
 
     def _on_query(self, msg: m.Query) -> None:
         assert self.guard is not None
+        if self._in_batch and self._rowmarks is not None:
+            # After an error in the batch the server skips this Query without a word, so whether it
+            # earns a ReadyForQuery is unknown until the Sync: the round trips could not be counted,
+            # and a marker's failure could not be answered in place.
+            return self._refuse_protocol(SqlState.PROTOCOL_VIOLATION,
+                                         "dbguard refused a simple Query sent inside an extended-protocol batch: "
+                                         "send Sync first (row evidence counts each round trip)")
         self.guard.update(protocol="simple")
         sql = self._decode(msg.sql)
         if sql is None:
@@ -930,24 +948,31 @@ class ClientSession(asyncio.Protocol):
             self._idle_waiters.append(waiter)
             await waiter
 
-    def _wants_mark(self, statements: tuple[F.StatementFacts, ...]) -> bool:
+    def _wants_mark(self, statements: tuple[F.StatementFacts, ...], counted: int = 0) -> bool:
         """Whether a row-evidence marker goes before these statements: before every one that may change
         rows (trigger and cascade changes of watched tables are then attributed too), unless the marker
-        would change how they run: not before statements that refuse to run in a transaction (VACUUM,
-        CREATE DATABASE ...), nor transaction control sent in one Query with others, nor procedures and
-        DO blocks outside an explicit transaction (they may COMMIT); not into a failed transaction.
-        Their changes are recorded unattributed (docs/ledger.md)."""
-        idle = self._rfq_seen >= self._syncs_sent
+        would change how they run. It would for statements that must come first in their transaction
+        (SET TRANSACTION, BEGIN ISOLATION LEVEL ...), that refuse to run in one (VACUUM, CREATE
+        DATABASE ...), and for procedures and DO blocks outside an explicit transaction (they may
+        COMMIT): their changes are recorded unattributed (docs/ledger.md). Once a marker ran in the
+        transaction, nothing can come first any more, so every later statement that may write gets
+        one: no change is ever credited to an earlier statement. Not into a failed transaction.
+        ``counted``: round trips of these statements already counted in ``_syncs_sent``."""
+        idle = self._rfq_seen >= self._syncs_sent - counted
         if idle and self._tx_status == "E":
             return False
+        if not any(_may_write(f) for f in statements):
+            return False
+        if (idle and self._tx_status == "T" and self._mark_rt > self._idle_rt) or self._batch_mark:
+            return True  # a marker already ran in this transaction: nothing is first any more
         in_block = idle and self._tx_status == "T"
-        writes = False
         for f in statements:
-            if f.kind in _MARKABLE or (in_block and f.kind in _MARKABLE_IN_BLOCK):
-                writes = writes or not read_only(f)
-            elif not read_only(f) or f.kind == "TransactionStmt":
-                return False
-        return writes
+            if f.kind in _MARKABLE or (not _may_write(f) and f.kind not in _FIRST_IN_TRANSACTION):
+                continue
+            if in_block and f.kind not in _FIRST_IN_TRANSACTION:
+                continue  # CALL, DO, CREATE TABLE AS, DECLARE, FETCH ... inside an explicit transaction
+            return False
+        return True
 
     async def _query_slow(self, msg: m.Query, statements: tuple[F.StatementFacts, ...], normalized: str,
                           now: datetime.datetime, sql: str = "", *, wait_idle: bool = False) -> None:
@@ -989,9 +1014,10 @@ class ClientSession(asyncio.Protocol):
         self._decided = (0, None)
         self._approval_ran(stmt)
         self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
-        if self._rowmarks is not None and self._wants_mark(verdict.statements):
+        if self._rowmarks is not None and self._wants_mark(verdict.statements, counted=1):
             self._out += self._rowmarks.mark(stmt, self._syncs_sent, before_query=True)
             self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
+            self._mark_rt = self._syncs_sent
         self._out += msg.raw
         return None
 
@@ -1326,11 +1352,18 @@ def _masked_fields(fields: dict[str, str]) -> dict[str, str]:
     return fields
 
 
-# Statements a row-evidence marker may precede in the same transaction; the second set only
-# inside an explicit transaction block.
+# Statements a row-evidence marker may precede anywhere (in their own implicit transaction too).
 _MARKABLE = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "CopyStmt", "TruncateStmt",
                        "SelectStmt", "ExecuteStmt", "ExplainStmt"})
-_MARKABLE_IN_BLOCK = frozenset({"CallStmt", "DoStmt"})
+# Statements that must come first in their transaction (SET TRANSACTION ...): no marker before them.
+_FIRST_IN_TRANSACTION = frozenset({"TransactionStmt", "VariableSetStmt"})
+# Statements that never change rows (a read-only statement aside).
+_NO_ROWS = frozenset({"VariableSetStmt", "VariableShowStmt", "TransactionStmt", "DeallocateStmt", "DiscardStmt",
+                      "ListenStmt", "UnlistenStmt", "NotifyStmt", "LockStmt", "PrepareStmt", "ClosePortalStmt"})
+
+
+def _may_write(f: F.StatementFacts) -> bool:
+    return not read_only(f) and f.kind not in _NO_ROWS
 
 _DISPATCH = {
     m.Query: ClientSession._on_query,
