@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime
 import enum
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from dbguard.audit.writer import Waiter
+if TYPE_CHECKING:
+    from dbguard.audit.writer import Waiter
 
 
 class EventKind(str, enum.Enum):
@@ -30,6 +31,49 @@ class EventKind(str, enum.Enum):
 
 
 _second_cache: tuple[int, str] = (0, "")
+
+
+class ReadShape:
+    """What every read of one statement shape in one session has in common, serialized once.
+
+    ``head`` is the session's members (session, identity, database, client_addr) and ``body`` the
+    statement's (protocol, statement, statements, decisions, outcome...), both ``"key":value``
+    bytes without braces. A read's entry is ``time``, ``kind``, ``head``, its ``stmt``, ``body``
+    and its ``completion``: the session keeps one ReadShape per shape, so a repeated read costs
+    the ledger a reference, and a block of reads stores each shape once (see audit.writer).
+    """
+
+    __slots__ = ("body", "head", "touches")
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head = head
+        self.body = body
+        self.touches: list[tuple[str, str, str, str]] | None = None  # the search index's rows, made by the writer
+
+    def line(self, now: datetime.datetime, stmt: int, completion: bytes) -> bytes:
+        """The read's entry as one JSON object: the same bytes a decision event has."""
+        return (b'{"time":"' + iso_time(now).encode() + b'","kind":"decision",' + self.head
+                + b',"stmt":%d,' % stmt + self.body + b',"completion":' + completion + b"}")
+
+
+class Completion(Protocol):
+    """What became of a read (session.completions.Pending): its statement number and its JSON."""
+
+    stmt: int
+
+    def json(self) -> bytes: ...
+
+
+class Done:
+    """A completion known in advance (a read bound but never executed)."""
+
+    __slots__ = ("_json", "stmt")
+
+    def __init__(self, stmt: int, json: bytes) -> None:
+        self.stmt, self._json = stmt, json
+
+    def json(self) -> bytes:
+        return self._json
 
 
 def iso_time(now: datetime.datetime) -> str:
@@ -87,6 +131,21 @@ class EventSink:
         line = (b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
                 + b",".join(fragments) + b"}")
         return self._line(line, flush, durable, block)
+
+    def emit_read(self, now: datetime.datetime, shape: ReadShape, completion: Completion) -> None:
+        """Queue a read's decision (made at ``now``) with its finished ``completion``.
+
+        The ledger receives the parts, not the line: its writer formats them and chains reads in
+        blocks that hold each shape once, so a read costs the event loop one queue append. JSON
+        lines get the whole event, as ``emit_fragments`` would write it.
+        """
+        self.emitted += 1
+        if self.ledger is not None:
+            self.ledger.append_read(now, shape, completion)
+        if self._stream is not None:
+            self._buf.append(shape.line(now, completion.stmt, completion.json()))
+            if len(self._buf) >= 512:
+                self.flush()
 
     def flush(self) -> None:
         if self._buf and self._stream is not None:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dbguard.audit import ledger
+from dbguard.audit.events import iso_time
 from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
 log = logging.getLogger("dbguard.ledger")
@@ -63,7 +65,10 @@ class Store(Protocol):
 
 def touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     """(operation, schema, table, column) for each object a statement touches: the search index."""
-    for statement in event.get("statements") or event.get("block_statements") or ():
+    if "block_touches" in event:  # a block of reads: its shapes' touches, worked out already
+        yield from event["block_touches"]
+        return
+    for statement in event.get("statements") or ():
         for action in statement.get("actions") or ():
             for col in action.get("columns") or [""]:
                 yield (action.get("operation", ""), action.get("schema", ""), action.get("name", ""), col)
@@ -106,43 +111,90 @@ def _settle(waiting: list[tuple[Waiter, int | None]], error: BaseException | Non
                 fut.set_result(seq)
 
 
-def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
+Read = tuple[datetime.datetime, Any, Any]  # a read: (decided at, its events.ReadShape, its events.Completion)
+_MINUTE = datetime.timedelta(minutes=1)
+
+
+def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
     """What the chain stores, in order: each entry, except that consecutive reads of the same minute
-    become one block entry (``{"kind":"reads","time":..,"entries":[..]}``). The third item is how
-    many pending appends the record holds (a block holds its run).
+    become one block entry (see ``_block``). The third item is how many pending appends the record
+    holds (a block holds its run).
 
     A read costs the store a fraction of a row this way; search expands blocks and filters their
     reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
     """
-    run: list[tuple[bytes, dict[str, Any]]] = []
+    run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | None]] = []
+    start = end = _EPOCH
     for data, _, block in pending:
-        event = orjson.loads(data)
-        if block and (not run or (event.get("time", "")[:16] == run[0][1].get("time", "")[:16]
-                                  and len(run) < BLOCK_MAX)):
-            run.append((data, event))
+        if not block:
+            if run:
+                yield *_block(run), len(run)
+                run = []
+            yield data, orjson.loads(data), 1  # type: ignore[arg-type]
             continue
-        if run:
+        if type(data) is tuple:  # a read from append_read: nothing to parse
+            event, when = None, data[0]
+        else:  # a whole read entry (append(..., block=True))
+            event = orjson.loads(data)
+            when = datetime.datetime.fromisoformat(event.get("time", ""))
+        if run and not (start <= when < end and len(run) < BLOCK_MAX):
             yield *_block(run), len(run)
             run = []
-        if block:
-            run.append((data, event))
-        else:
-            yield data, event, 1
+        if not run:
+            start = when.replace(second=0, microsecond=0)
+            end = start + _MINUTE
+        run.append((when, data, event))
     if run:
         yield *_block(run), len(run)
 
 
-def _block(run: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, dict[str, Any]]:
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
+    """A read shape's rows for the search index, worked out once per shape (shapes are reused)."""
+    if shape.touches is None:
+        shape.touches = list(dict.fromkeys(touches(orjson.loads(b"{" + shape.body + b"}"))))
+    return shape.touches
+
+
+def _block(run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | None]]) -> tuple[bytes, dict[str, Any]]:
+    """One entry for a run of reads: ``{"kind":"reads","time":..,"count":..,"shapes":[..],"reads":[..]}``.
+
+    ``shapes`` holds each distinct ``[{session members},{statement members}]`` of the run once;
+    each read is ``[shape, microseconds into the block's minute, {completion}]`` (the block's time
+    is its earliest read), or a whole read entry appended as bytes. ``search.block_reads`` turns a
+    block back into its reads, exactly as each read's own decision event would have been.
+    """
     if len(run) == 1:
-        return run[0]
-    first = min(event.get("time", "") for _, event in run)
-    data = (b'{"kind":"reads","time":"' + first.encode() + b'","count":%d,"entries":[' % len(run)
-            + b",".join(d for d, _ in run) + b"]}")
+        _, data, event = run[0]
+        if event is None:  # a lone read is an ordinary decision entry
+            now, shape, completion = data  # type: ignore[misc]
+            data = shape.line(now, completion.stmt, completion.json())
+            event = orjson.loads(data)
+        return data, event  # type: ignore[return-value]
+    first = min(when for when, _, _ in run)
+    shapes: dict[Any, int] = {}
+    found: dict[tuple[str, str, str, str], None] = {}
+    reads: list[bytes] = []
+    for when, data, event in run:
+        if event is None:
+            shape, completion = data[1], data[2]  # type: ignore[index]
+            index = shapes.get(shape)
+            if index is None:
+                index = shapes[shape] = len(shapes)
+                found.update(dict.fromkeys(_shape_touches(shape)))
+            reads.append(b"[%d,%d,%s]" % (index, when.second * 1_000_000 + when.microsecond, completion.json()))
+        else:
+            reads.append(data)  # type: ignore[arg-type]
+            found.update(dict.fromkeys(touches(event)))
+    iso = iso_time(first)
+    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(run)
+            + b",".join([b"[{" + shape.head + b"},{" + shape.body + b"}]" for shape in shapes])
+            + b'],"reads":[' + b",".join(reads) + b"]}")
     # Search matches a block on its time and touches only, then filters each read: no per-block
     # user or session to index.
-    index = {"kind": "reads", "time": first, "outcome": "forwarded",
-             "block_statements": [s for _, event in run for s in event.get("statements") or ()]}
-    return data, index
+    return data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(found)}
 
 
 class LedgerWriter:
@@ -158,11 +210,11 @@ class LedgerWriter:
         self._seq, self._prev, self._signed_seq = store.tail(chain)
         # Entries wait in a deque (appending is atomic); the writer wakes for a durable entry, for
         # shutdown, or every READ_LINGER: reads never wake it one by one.
-        self._items: collections.deque[tuple[bytes, Waiter | None, bool]] = collections.deque()
+        self._items: collections.deque[tuple[bytes | Read, Waiter | None, bool]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._stopping_attempts = 0  # commits retried at shutdown while the store fails
-        self._retry: list[tuple[bytes, bool]] = []
+        self._retry: list[tuple[bytes | Read, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
         self.commit_latency = Buckets(LEDGER_BUCKETS)
@@ -191,6 +243,14 @@ class LedgerWriter:
         if future is not None or len(self._items) >= BATCH_MAX:
             self._wake.set()
         return future
+
+    def append_read(self, now: datetime.datetime, shape: Any, completion: Any) -> None:
+        """Queue a read (never durable): when it was decided, its session's ``events.ReadShape``
+        and its finished ``events.Completion``. This thread formats them and chains reads in blocks
+        that store each shape once: the event loop neither builds nor serializes the read's entry."""
+        self._items.append(((now, shape, completion), None, True))
+        if len(self._items) >= BATCH_MAX:
+            self._wake.set()
 
     def queued(self) -> int:
         """Entries not yet committed: the ledger's lag."""
@@ -247,7 +307,7 @@ class LedgerWriter:
         self._signed_seq = self._seq
         self._last_signed = time.monotonic()
 
-    def _commit(self, batch: list[tuple[bytes, Waiter | None, bool]]) -> None:
+    def _commit(self, batch: list[tuple[bytes | Read, Waiter | None, bool]]) -> None:
         pending = [(data, None, block) for data, block in self._retry] + batch
         seq, prev = self._seq, self._prev
         entries: list[Entry] = []
@@ -302,7 +362,7 @@ class LedgerWriter:
         except Exception:  # noqa: BLE001 - the store is down: it did not land as far as we can know
             return False
 
-    def _succeeded(self, pending: list[tuple[bytes, Waiter | None, bool]], seq: int, prev: str,
+    def _succeeded(self, pending: list[tuple[bytes | Read, Waiter | None, bool]], seq: int, prev: str,
                    checkpoints: list[tuple[int, str, bytes]], item_seqs: list[int]) -> None:
         self._seq, self._prev = seq, prev
         self.last_failed = False

@@ -24,12 +24,12 @@ class Pending:
     __slots__ = ("closed", "deferred", "ended", "error", "interrupted", "masked", "portal", "started", "stmt",
                  "sync_no", "tags", "until_ready")
 
-    def __init__(self, stmt: int, sync_no: int, until_ready: bool, deferred: tuple[str, bytes] | None,
+    def __init__(self, stmt: int, sync_no: int, until_ready: bool, deferred: tuple[str, Any] | None,
                  portal: str = "") -> None:
         self.stmt = stmt  # the session's statement number, shared with the decision entry
         self.sync_no = sync_no  # the ReadyForQuery that ends this round trip
         self.until_ready = until_ready  # a simple Query: every CommandComplete until ReadyForQuery is its
-        self.deferred = deferred  # a read's decision entry, written together with its completion
+        self.deferred = deferred  # a read's (time, events.ReadShape): written together with its completion
         self.portal = portal  # an Execute's portal: its DataRows are masked by the portal's plan
         self.started = time.monotonic()
         self.tags: list[str] = []
