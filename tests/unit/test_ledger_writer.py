@@ -11,6 +11,7 @@ import orjson
 from dbguard.audit import ledger, search, sqlite_sink
 from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.writer import LedgerWriter
+from dbguard.session.completions import Pending
 
 
 def _event(session: str, second: int, user: str = "bob") -> bytes:
@@ -86,7 +87,10 @@ def _reads(writer: LedgerWriter) -> list[tuple[dict, bytes]]:
     for i in range(40):
         now = t0 + datetime.timedelta(microseconds=97_003 * i)  # crosses 02:14:00 after ~11 reads
         shape = (bob_orders, bob_items, alice)[i % 3]
-        done = Done(i + 1, b'{"stmt":%d,"duration_ms":0.25,"tags":["SELECT 1"],"rows":1,"status":"ok"}' % (i + 1))
+        done: Done | Pending = Pending(i + 1, 1, False, None)  # ran, one tag: stored as a few numbers
+        done.tags, done.closed, done.started, done.ended = [f"SELECT {i % 4}"], True, 10.0, 10.0 + 0.00025 * i
+        if i % 7 == 0:  # anything else keeps its completion whole
+            done = Done(i + 1, b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % (i + 1))
         if i == 20:  # an error, with a message that needs escaping
             done = Done(i + 1, orjson.dumps({"stmt": i + 1, "duration_ms": 1.5, "tags": [], "rows": 0,
                                              "error": {"sqlstate": "22P02", "message": 'bad "…" \\ é'},
@@ -134,7 +138,7 @@ def test_search_finds_and_expands_each_read_of_a_compact_block(tmp_path):
         e for e in expected if e["time"] >= "2026-11-24T02:14" and e["identity"]["user"] == "bob"][:3]
     assert found(fingerprint="fp-orders", session="s-alice") == [e for e in expected if e["session"] == "s-alice"]
     hit = search.search(conn, search.Query(user="alice", since="2026-11-24 02:14:01", limit=1))[0]
-    assert hit["ledger"]["index"] > 0 and hit["completion"]["rows"] == 1 and hit["completion"]["duration_ms"] == 0.25
+    assert hit["ledger"]["index"] > 0 and hit["completion"]["rows"] == 23 % 4 and hit["completion"]["duration_ms"] == 5.75
     error = [e for e in search.search(conn, search.Query()) if e["stmt"] == 21][0]
     assert error["completion"]["error"]["message"] == 'bad "…" \\ é'
 
@@ -145,15 +149,16 @@ def test_verify_catches_edits_inside_a_compact_block(tmp_path):
     _reads(writer)
     writer.close()
     for edit in ("replace(CAST(data AS TEXT), '\"user\":\"alice\"', '\"user\":\"carol\"')",  # a shape
-                 "replace(CAST(data AS TEXT), '\"rows\":1,', '\"rows\":9,')",  # one read's outcome
+                 "replace(CAST(data AS TEXT), 'SELECT 1\"]', 'SELECT 9\"]')",  # one read's outcome (its rows)
                  "replace(CAST(data AS TEXT), ',[1,', ',[2,')"):  # a read moved to another shape
         copy = tmp_path / "edited.db"
         copy.write_bytes(pathlib.Path(path).read_bytes())
         conn = sqlite3.connect(copy)
-        changed = conn.execute(f"UPDATE entries SET data = CAST({edit} AS BLOB) WHERE kind = 'reads' AND id = "
-                               "(SELECT min(id) FROM entries WHERE kind = 'reads')").rowcount
+        where = "kind = 'reads' AND id = (SELECT min(id) FROM entries WHERE kind = 'reads')"
+        before = conn.execute(f"SELECT data FROM entries WHERE {where}").fetchone()[0]
+        conn.execute(f"UPDATE entries SET data = CAST({edit} AS BLOB) WHERE {where}")
         conn.commit()
-        assert changed == 1
+        assert conn.execute(f"SELECT data FROM entries WHERE {where}").fetchone()[0] != before, edit
         result = ledger.verify(sqlite_sink.read_rows(conn))
         assert [p.kind for p in result.problems] == ["altered"], edit
         conn.close()

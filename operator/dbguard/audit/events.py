@@ -63,6 +63,10 @@ class Completion(Protocol):
 
     def json(self) -> bytes: ...
 
+    def compact(self) -> tuple[int, int, str] | None:
+        """(stmt, duration in microseconds, tag) when that says everything (one tag, ok), else None."""
+        ...
+
 
 class Done:
     """A completion known in advance (a read bound but never executed)."""
@@ -74,6 +78,9 @@ class Done:
 
     def json(self) -> bytes:
         return self._json
+
+    def compact(self) -> None:
+        return None
 
 
 def iso_time(now: datetime.datetime) -> str:

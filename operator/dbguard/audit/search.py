@@ -153,7 +153,9 @@ def block_reads(block: dict[str, Any]) -> list[dict[str, Any]]:
 
     Two formats: the first kept every read whole (``entries``); the current one keeps each distinct
     shape once (``shapes``: ``[{session members}, {statement members}]``) and per read ``[shape,
-    microseconds into the block's minute, {completion}]`` or, for a read appended whole, the read.
+    microseconds into the block's minute, {completion}]``, or ``[shape, microseconds, stmt,
+    duration in µs, tag]`` for a read that ran with one tag (status ok, rows from the tag), or the
+    read itself for a read appended whole (see writer._block).
     """
     if "entries" in block:
         return block["entries"]
@@ -164,7 +166,13 @@ def block_reads(block: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             out.append(item)
             continue
-        index, micros, completion = item
+        if len(item) == 5:  # [shape, micros, stmt, duration in µs, tag]: ran, one tag, no error, nothing masked
+            index, micros, stmt, duration, tag = item
+            last = tag.rpartition(" ")[2]
+            completion = {"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
+                          "rows": int(last) if last.isdigit() else 0, "status": "ok"}
+        else:
+            index, micros, completion = item
         head, body = shapes[index]
         out.append({"time": f"{minute}{micros // 1_000_000:02d}.{micros % 1_000_000:06d}+00:00",
                     "kind": "decision", **head, "stmt": completion.get("stmt", 0), **body, "completion": completion})

@@ -31,7 +31,7 @@ from dbguard.metrics import LEDGER_BUCKETS, Buckets
 log = logging.getLogger("dbguard.ledger")
 
 BATCH_MAX = 1000
-BLOCK_MAX = 256  # reads in one block entry
+BLOCK_MAX = BATCH_MAX  # reads in one block entry: a batch's reads of one minute are one entry
 READ_LINGER = 0.05  # seconds a batch of entries nobody waits for may gather before its commit
 RETRY_LIMIT = 100_000  # non-durable entries kept for retry while the store fails
 
@@ -163,7 +163,9 @@ def _block(run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | Non
 
     ``shapes`` holds each distinct ``[{session members},{statement members}]`` of the run once;
     each read is ``[shape, microseconds into the block's minute, {completion}]`` (the block's time
-    is its earliest read), or a whole read entry appended as bytes. ``search.block_reads`` turns a
+    is its earliest read); a read that ran and returned one command tag with no error and nothing
+    masked is ``[shape, microseconds, stmt, duration in microseconds, tag]``; a read appended as
+    bytes is the whole read entry. ``search.block_reads`` turns a
     block back into its reads, exactly as each read's own decision event would have been.
     """
     if len(run) == 1:
@@ -184,7 +186,12 @@ def _block(run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | Non
             if index is None:
                 index = shapes[shape] = len(shapes)
                 found.update(dict.fromkeys(_shape_touches(shape)))
-            reads.append(b"[%d,%d,%s]" % (index, when.second * 1_000_000 + when.microsecond, completion.json()))
+            micros = when.second * 1_000_000 + when.microsecond
+            done = completion.compact()
+            if done is not None:  # the common case: [shape, micros, stmt, duration in µs, its one tag]
+                reads.append(b'[%d,%d,%d,%d,"%s"]' % (index, micros, done[0], done[1], done[2].encode()))
+            else:
+                reads.append(b"[%d,%d,%s]" % (index, micros, completion.json()))
         else:
             reads.append(data)  # type: ignore[arg-type]
             found.update(dict.fromkeys(touches(event)))

@@ -70,6 +70,15 @@ class Pending:
                 self.stmt, (end - self.started) * 1000, tags[0].encode(), int(last) if last.isdigit() else 0)
         return orjson.dumps(self.fields())
 
+    def compact(self) -> tuple[int, int, str] | None:
+        """(stmt, duration in µs, tag) for the common case ``json()`` writes without a dict, else None:
+        how a block of reads in the ledger stores it (``search.block_reads`` rebuilds the rest)."""
+        tags = self.tags
+        if len(tags) == 1 and self.closed and self.error is None and not self.masked and tags[0].isascii() \
+                and tags[0].isprintable() and '"' not in tags[0] and "\\" not in tags[0]:
+            return self.stmt, round(((self.ended or time.monotonic()) - self.started) * 1_000_000), tags[0]
+        return None
+
 
 _QUOTED = re.compile(r'"[^"]*"')
 
