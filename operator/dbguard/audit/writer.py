@@ -288,6 +288,11 @@ class LedgerWriter:
                 idle_since = time.monotonic()
                 if self.last_failed:
                     break  # retried at the next wake-up
+                if not (stop or self._wake.is_set() or len(items) >= BATCH_MAX):
+                    # What queued up during the commit is reads: they wait for the next durable entry
+                    # or READ_LINGER, so a batch is ~READ_LINGER of reads, not a commit's worth.
+                    break
+                self._wake.clear()  # a durable entry is among them: commit it now
             if stop and not items:
                 if self._retry:
                     self._stopping_attempts += 1
