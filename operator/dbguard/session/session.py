@@ -1032,7 +1032,9 @@ class ClientSession(asyncio.Protocol):
             self._approval_note = b""
             return None
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
-        key = (id(verdict.judged), *map(id, verdict.decisions))
+        decisions = verdict.decisions
+        key = (id(verdict.judged), id(decisions[0])) if len(decisions) == 1 else \
+            (id(verdict.judged), *map(id, decisions))
         memo = _SHAPE_MEMO.get(key)
         if memo is None or memo[0] is not verdict.judged or refusal is not None:
             shape = orjson.dumps({
