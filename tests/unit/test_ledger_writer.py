@@ -87,19 +87,21 @@ def _reads(writer: LedgerWriter) -> list[tuple[dict, bytes]]:
     for i in range(40):
         now = t0 + datetime.timedelta(microseconds=97_003 * i)  # crosses 02:14:00 after ~11 reads
         shape = (bob_orders, bob_items, alice)[i % 3]
-        done: Done | Pending = Pending(i + 1, 1, False, None)  # ran, one tag: stored as a few numbers
+        done: Done | Pending = Pending(i + 1, 1, False, (now, shape))  # ran, one tag: stored as a few numbers
         done.tags, done.closed, done.started, done.ended = [f"SELECT {i % 4}"], True, 10.0, 10.0 + 0.00025 * i
+        if i == 25:  # a tag JSON must escape
+            done.tags = ['WEIRD "tag" \\ 2']
         if i % 7 == 0:  # anything else keeps its completion whole
-            done = Done(i + 1, b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % (i + 1))
+            done = Done(i + 1, b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % (i + 1), (now, shape))
         if i == 20:  # an error, with a message that needs escaping
             done = Done(i + 1, orjson.dumps({"stmt": i + 1, "duration_ms": 1.5, "tags": [], "rows": 0,
                                              "error": {"sqlstate": "22P02", "message": 'bad "…" \\ é'},
-                                             "status": "error"}))
+                                             "status": "error"}), (now, shape))
         line = shape.line(now, done.stmt, done.json())
         if i == 30:
             writer.append(line, block=True)  # a read appended whole still lands in the block
         else:
-            writer.append_read(now, shape, done)
+            writer.append_read(done)
         out.append((orjson.loads(line), line))
     return out
 

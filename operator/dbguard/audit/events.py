@@ -57,9 +57,11 @@ class ReadShape:
 
 
 class Completion(Protocol):
-    """What became of a read (session.completions.Pending): its statement number and its JSON."""
+    """What became of a read (session.completions.Pending): its statement number, its decision's
+    ``deferred`` (when it was decided, its ReadShape) and its JSON."""
 
     stmt: int
+    deferred: tuple[datetime.datetime, ReadShape] | None
 
     def json(self) -> bytes: ...
 
@@ -71,10 +73,10 @@ class Completion(Protocol):
 class Done:
     """A completion known in advance (a read bound but never executed)."""
 
-    __slots__ = ("_json", "stmt")
+    __slots__ = ("_json", "deferred", "stmt")
 
-    def __init__(self, stmt: int, json: bytes) -> None:
-        self.stmt, self._json = stmt, json
+    def __init__(self, stmt: int, json: bytes, deferred: tuple[datetime.datetime, ReadShape]) -> None:
+        self.stmt, self._json, self.deferred = stmt, json, deferred
 
     def json(self) -> bytes:
         return self._json
@@ -139,17 +141,18 @@ class EventSink:
                 + b",".join(fragments) + b"}")
         return self._line(line, flush, durable, block)
 
-    def emit_read(self, now: datetime.datetime, shape: ReadShape, completion: Completion) -> None:
-        """Queue a read's decision (made at ``now``) with its finished ``completion``.
+    def emit_read(self, completion: Completion) -> None:
+        """Queue a read's decision (``completion.deferred``: when, its ReadShape) with its outcome.
 
-        The ledger receives the parts, not the line: its writer formats them and chains reads in
-        blocks that hold each shape once, so a read costs the event loop one queue append. JSON
-        lines get the whole event, as ``emit_fragments`` would write it.
+        The ledger receives the completion object, not a line: its writer formats it and chains
+        reads in blocks that hold each shape once, so a read costs the event loop one queue
+        append. JSON lines get the whole event, as ``emit_fragments`` would write it.
         """
         self.emitted += 1
         if self.ledger is not None:
-            self.ledger.append_read(now, shape, completion)
+            self.ledger.append_read(completion)
         if self._stream is not None:
+            now, shape = completion.deferred  # type: ignore[misc]
             self._buf.append(shape.line(now, completion.stmt, completion.json()))
             if len(self._buf) >= 512:
                 self.flush()

@@ -111,7 +111,7 @@ def _settle(waiting: list[tuple[Waiter, int | None]], error: BaseException | Non
                 fut.set_result(seq)
 
 
-Read = tuple[datetime.datetime, Any, Any]  # a read: (decided at, its events.ReadShape, its events.Completion)
+Read = Any  # a read: its events.Completion, whose ``deferred`` is (decided at, its events.ReadShape)
 _MINUTE = datetime.timedelta(minutes=1)
 
 
@@ -123,32 +123,36 @@ def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterato
     A read costs the store a fraction of a row this way; search expands blocks and filters their
     reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
     """
-    run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | None]] = []
-    start = end = _EPOCH
-    for data, _, block in pending:
+    i, n = 0, len(pending)
+    while i < n:
+        data, _, block = pending[i]
         if not block:
-            if run:
-                yield *_block(run), len(run)
-                run = []
             yield data, orjson.loads(data), 1  # type: ignore[arg-type]
+            i += 1
             continue
-        if type(data) is tuple:  # a read from append_read: nothing to parse
-            event, when = None, data[0]
-        else:  # a whole read entry (append(..., block=True))
-            event = orjson.loads(data)
-            when = datetime.datetime.fromisoformat(event.get("time", ""))
-        if run and not (start <= when < end and len(run) < BLOCK_MAX):
-            yield *_block(run), len(run)
-            run = []
-        if not run:
-            start = when.replace(second=0, microsecond=0)
-            end = start + _MINUTE
-        run.append((when, data, event))
-    if run:
-        yield *_block(run), len(run)
+        j = i + 1
+        while j < n and pending[j][2] and j - i < BLOCK_MAX:
+            j += 1
+        reads = [d for d, _, _ in pending[i:j]]
+        times = [_time_of(d) if type(d) is bytes else d.deferred[0] for d in reads]
+        first, last = min(times), max(times)
+        if first.replace(second=0, microsecond=0) == last.replace(second=0, microsecond=0):
+            yield *_block(reads, first), j - i  # the usual case: a batch's reads are of one minute
+        else:  # split where the minute changes
+            k = i
+            while k < j:
+                start = times[k - i].replace(second=0, microsecond=0)
+                end = start + _MINUTE
+                m = k + 1
+                while m < j and start <= times[m - i] < end:
+                    m += 1
+                yield *_block(reads[k - i:m - i], min(times[k - i:m - i])), m - k
+                k = m
+        i = j
 
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+def _time_of(data: bytes) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(orjson.loads(data).get("time", ""))
 
 
 def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
@@ -158,47 +162,47 @@ def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
     return shape.touches
 
 
-def _block(run: list[tuple[datetime.datetime, bytes | Read, dict[str, Any] | None]]) -> tuple[bytes, dict[str, Any]]:
-    """One entry for a run of reads: ``{"kind":"reads","time":..,"count":..,"shapes":[..],"reads":[..]}``.
+def _block(reads: list[bytes | Read], first: datetime.datetime) -> tuple[bytes, dict[str, Any]]:
+    """One entry for reads of one minute: ``{"kind":"reads","time":..,"count":..,"shapes":[..],"reads":[..]}``.
 
-    ``shapes`` holds each distinct ``[{session members},{statement members}]`` of the run once;
-    each read is ``[shape, microseconds into the block's minute, {completion}]`` (the block's time
-    is its earliest read); a read that ran and returned one command tag with no error and nothing
-    masked is ``[shape, microseconds, stmt, duration in microseconds, tag]``; a read appended as
-    bytes is the whole read entry. ``search.block_reads`` turns a
-    block back into its reads, exactly as each read's own decision event would have been.
+    ``shapes`` holds each distinct ``[{session members},{statement members}]`` once; a read that
+    ran and returned one command tag with no error and nothing masked is ``[shape, microseconds
+    into the block's minute, stmt, duration in microseconds, tag]``, any other read ``[shape,
+    microseconds, {completion}]``, and a read appended as bytes its whole entry. The block's time
+    is its earliest read. ``search.block_reads`` turns a block back into its reads, exactly as
+    each read's own decision event would have been.
     """
-    if len(run) == 1:
-        _, data, event = run[0]
-        if event is None:  # a lone read is an ordinary decision entry
-            now, shape, completion = data  # type: ignore[misc]
-            data = shape.line(now, completion.stmt, completion.json())
-            event = orjson.loads(data)
-        return data, event  # type: ignore[return-value]
-    first = min(when for when, _, _ in run)
+    if len(reads) == 1:
+        data = reads[0]
+        if type(data) is not bytes:  # a lone read is an ordinary decision entry
+            now, shape = data.deferred
+            data = shape.line(now, data.stmt, data.json())
+        return data, orjson.loads(data)  # type: ignore[arg-type]
     shapes: dict[Any, int] = {}
+    get = shapes.get
     found: dict[tuple[str, str, str, str], None] = {}
-    reads: list[bytes] = []
-    for when, data, event in run:
-        if event is None:
-            shape, completion = data[1], data[2]  # type: ignore[index]
-            index = shapes.get(shape)
+    rows: list[Any] = []
+    append = rows.append
+    for completion in reads:
+        if type(completion) is not bytes:
+            when, shape = completion.deferred
+            index = get(shape)
             if index is None:
                 index = shapes[shape] = len(shapes)
                 found.update(dict.fromkeys(_shape_touches(shape)))
-            micros = when.second * 1_000_000 + when.microsecond
             done = completion.compact()
-            if done is not None:  # the common case: [shape, micros, stmt, duration in µs, its one tag]
-                reads.append(b'[%d,%d,%d,%d,"%s"]' % (index, micros, done[0], done[1], done[2].encode()))
+            if done is not None:
+                append((index, when.second * 1_000_000 + when.microsecond, *done))
             else:
-                reads.append(b"[%d,%d,%s]" % (index, micros, completion.json()))
-        else:
-            reads.append(data)  # type: ignore[arg-type]
+                append((index, when.second * 1_000_000 + when.microsecond, orjson.loads(completion.json())))
+        else:  # a read appended whole
+            event = orjson.loads(completion)
+            append(event)
             found.update(dict.fromkeys(touches(event)))
     iso = iso_time(first)
-    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(run)
+    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(reads)
             + b",".join([b"[{" + shape.head + b"},{" + shape.body + b"}]" for shape in shapes])
-            + b'],"reads":[' + b",".join(reads) + b"]}")
+            + b'],"reads":' + orjson.dumps(rows) + b"}")
     # Search matches a block on its time and touches only, then filters each read: no per-block
     # user or session to index.
     return data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(found)}
@@ -217,7 +221,7 @@ class LedgerWriter:
         self._seq, self._prev, self._signed_seq = store.tail(chain)
         # Entries wait in a deque (appending is atomic); the writer wakes for a durable entry, for
         # shutdown, or every READ_LINGER: reads never wake it one by one.
-        self._items: collections.deque[tuple[bytes | Read, Waiter | None, bool]] = collections.deque()
+        self._items: collections.deque[tuple[bytes, Waiter | None, bool] | Read] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._stopping_attempts = 0  # commits retried at shutdown while the store fails
@@ -251,11 +255,12 @@ class LedgerWriter:
             self._wake.set()
         return future
 
-    def append_read(self, now: datetime.datetime, shape: Any, completion: Any) -> None:
-        """Queue a read (never durable): when it was decided, its session's ``events.ReadShape``
-        and its finished ``events.Completion``. This thread formats them and chains reads in blocks
-        that store each shape once: the event loop neither builds nor serializes the read's entry."""
-        self._items.append(((now, shape, completion), None, True))
+    def append_read(self, completion: Any) -> None:
+        """Queue a read (never durable): its finished ``events.Completion``, whose ``deferred`` is
+        when it was decided and its session's ``events.ReadShape``. This thread formats it and
+        chains reads in blocks that store each shape once: the event loop neither builds nor
+        serializes the read's entry, and queues the object itself (no tuple to allocate)."""
+        self._items.append(completion)
         if len(self._items) >= BATCH_MAX:
             self._wake.set()
 
@@ -284,6 +289,7 @@ class LedgerWriter:
             items = self._items
             while items or self._retry:  # group commit: everything that queued up, in batches
                 batch = [items.popleft() for _ in range(min(len(items), BATCH_MAX))]
+                batch = [x if type(x) is tuple else (x, None, True) for x in batch]  # a read (append_read)
                 self._commit(batch)
                 idle_since = time.monotonic()
                 if self.last_failed:

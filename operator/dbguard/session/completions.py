@@ -71,11 +71,11 @@ class Pending:
         return orjson.dumps(self.fields())
 
     def compact(self) -> tuple[int, int, str] | None:
-        """(stmt, duration in µs, tag) for the common case ``json()`` writes without a dict, else None:
-        how a block of reads in the ledger stores it (``search.block_reads`` rebuilds the rest)."""
+        """(stmt, duration in µs, tag) when the statement ran and returned one ASCII tag with no error
+        and nothing masked, else None: how a block of reads in the ledger stores the common case
+        (``search.block_reads`` rebuilds the completion ``json()`` would write)."""
         tags = self.tags
-        if len(tags) == 1 and self.closed and self.error is None and not self.masked and tags[0].isascii() \
-                and tags[0].isprintable() and '"' not in tags[0] and "\\" not in tags[0]:
+        if len(tags) == 1 and self.closed and self.error is None and not self.masked and tags[0].isascii():
             return self.stmt, round(((self.ended or time.monotonic()) - self.started) * 1_000_000), tags[0]
         return None
 

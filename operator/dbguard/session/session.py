@@ -1087,8 +1087,8 @@ class ClientSession(asyncio.Protocol):
                 self.proxy.approvals.finished(self._approved_stmts.pop(portal[1]), None,
                                               "not executed: the portal was closed before it ran")
             if portal is not None and portal[2] is not None:
-                self.proxy.events.emit_read(*portal[2], Done(
-                    portal[1], b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % portal[1]))
+                self.proxy.events.emit_read(Done(
+                    portal[1], b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % portal[1], portal[2]))
 
     def _record_completions(self, finished: list[Pending]) -> None:
         now_iso = ""
@@ -1105,7 +1105,7 @@ class ClientSession(asyncio.Protocol):
             if not self.proxy.events.active:
                 continue
             if p.deferred is not None:
-                self.proxy.events.emit_read(*p.deferred, p)  # formatted by the ledger's writer
+                self.proxy.events.emit_read(p)  # formatted by the ledger's writer
             else:
                 now_iso = now_iso or iso_time(datetime.datetime.now(datetime.UTC))
                 self.proxy.events.emit_fragments(EventKind.COMPLETION, now_iso, self._event_prefix,
