@@ -164,3 +164,18 @@ def test_verify_catches_edits_inside_a_compact_block(tmp_path):
         result = ledger.verify(sqlite_sink.read_rows(conn))
         assert [p.kind for p in result.problems] == ["altered"], edit
         conn.close()
+
+
+def test_a_read_appended_whole_without_a_time_does_not_stall_the_writer(tmp_path):
+    path = str(tmp_path / "l.db")
+    writer = sqlite_sink.SqliteLedger(path, "c1")
+    writer.append(b'{"kind":"decision","stmt":1}', block=True)  # taken as of now: its own minute
+    writer.append(_event("s1", 2), block=True)
+    writer.append(_event("s1", 3), block=True)
+    assert writer.append(_event("s2", 4), durable=True).result(5) == 3
+    writer.close()
+    conn = sqlite3.connect(path)
+    events = [orjson.loads(d) for (d,) in conn.execute("SELECT data FROM entries ORDER BY id")]
+    reads = [r for e in events for r in (search.block_reads(e) if e["kind"] == "reads" else [e])]
+    assert [r["stmt"] for r in reads] == [1, 2, 3, 4]
+    assert ledger.verify(sqlite_sink.read_rows(conn)).ok

@@ -86,12 +86,17 @@ class Done:
 
 
 def iso_time(now: datetime.datetime) -> str:
-    """ISO 8601 UTC with microseconds; the seconds part is formatted once per second."""
+    """ISO 8601 UTC with microseconds; the seconds part is formatted once per second.
+
+    The event loop and the ledger's writer thread both call it: the cache is read once, so a
+    thread switch between the check and the use cannot pair one second's text with another's.
+    """
     global _second_cache
     ts = int(now.timestamp())
-    if _second_cache[0] != ts:
-        _second_cache = (ts, now.replace(microsecond=0).isoformat()[:19])
-    return f"{_second_cache[1]}.{now.microsecond:06d}+00:00"
+    cache = _second_cache
+    if cache[0] != ts:
+        cache = _second_cache = (ts, now.replace(microsecond=0).isoformat()[:19])
+    return f"{cache[1]}.{now.microsecond:06d}+00:00"
 
 
 class EventSink:

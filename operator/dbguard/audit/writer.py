@@ -152,7 +152,11 @@ def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterato
 
 
 def _time_of(data: bytes) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(orjson.loads(data).get("time", ""))
+    """A read appended whole: its time (now if it has none, so it cannot stall the batch)."""
+    try:
+        return datetime.datetime.fromisoformat(orjson.loads(data).get("time", "")).astimezone(datetime.UTC)
+    except (ValueError, TypeError, AttributeError):
+        return datetime.datetime.now(datetime.UTC)
 
 
 def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:

@@ -173,7 +173,9 @@ class CompletionTracker:
         """The session ended: whatever was still pending, for the record."""
         done = list(self._queue)
         self._queue.clear()
+        now = time.monotonic()
         for p in done:
             if not p.closed and p.error is None:
                 p.interrupted = True
+                p.ended = now  # its duration ends here, not when the ledger's writer formats it
         return done

@@ -1096,7 +1096,7 @@ class ClientSession(asyncio.Protocol):
         for p in finished:
             if not p.stmt:
                 continue
-            if p.ended:
+            if p.ended and not p.interrupted:
                 durations.observe(p.ended - p.started)
             if self._approved_stmts and p.stmt in self._approved_stmts and self.proxy.approvals is not None:
                 self._executes_sent.discard(p.stmt)
