@@ -10,6 +10,7 @@ import orjson
 import psycopg
 import pytest
 
+from dbguard.audit import search
 from tests.audit.conftest import audit, ledger_proxy
 from tests.fix_postgres import Postgres
 from tests.fix_proxy import TOKENS
@@ -24,7 +25,7 @@ def entries(db, kind: str | None = None) -> list[dict]:
     events = []
     for (d,) in rows:
         e = orjson.loads(d)
-        events += e["entries"] if e["kind"] == "reads" else [e]  # a block of reads holds them in order
+        events += search.block_reads(e) if e["kind"] == "reads" else [e]  # a block of reads holds them in order
     return [e for e in events if kind is None or e["kind"] == kind]
 
 

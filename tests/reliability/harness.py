@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 import orjson
 
+from dbguard.audit import search
 from dbguard.pgwire import messages
 from tests.fix_postgres import Postgres, _as_postgres, start_postgres
 
@@ -162,7 +163,7 @@ def ledger_events(db: pathlib.Path) -> Iterable[dict]:
         for kind, data in conn.execute("SELECT kind, data FROM entries ORDER BY id"):
             event = orjson.loads(bytes(data))
             if kind == "reads":
-                yield from event["entries"]
+                yield from search.block_reads(event)
             else:
                 yield event
     finally:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import pathlib
 import sqlite3
 
 import orjson
 
 from dbguard.audit import ledger, search, sqlite_sink
+from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.writer import LedgerWriter
+from dbguard.session.completions import Pending
 
 
 def _event(session: str, second: int, user: str = "bob") -> bytes:
@@ -58,3 +62,120 @@ def test_search_finds_matches_behind_blocks_of_other_users_reads(tmp_path):
     found = search.search(conn, search.Query(user="alice", limit=2))
     assert [e["stmt"] for e in found] == [121, 122]
     assert [e["stmt"] for e in search.search(conn, search.Query(limit=3))] == [1, 2, 61]
+
+
+# -- blocks of reads: each shape once, each read a few bytes ---------------------------------------
+
+def _shape(session: str, user: str, table: str) -> ReadShape:
+    head = orjson.dumps({"session": session, "identity": {"user": user, "groups": ["g"]}, "database": "shop",
+                         "client_addr": "127.0.0.1:5"})[1:-1]
+    body = orjson.dumps({"protocol": "extended", "statement": f"SELECT a FROM {table} WHERE id = $1",
+                         "statements": [{"command": "SELECT", "fingerprint": f"fp-{table}", "flags": [],
+                                         "actions": [{"operation": "SELECT", "schema": "", "name": table,
+                                                      "columns": ["a", "id"]}]}],
+                         "decisions": [{"policy": "p", "rule": "r", "action": "allow"}], "outcome": "forwarded",
+                         "rule": "", "sqlstate": "", "reason": ""})[1:-1]
+    return ReadShape(head, body)
+
+
+def _reads(writer: LedgerWriter) -> list[tuple[dict, bytes]]:
+    """Reads of two sessions over a minute boundary, plus one appended whole: (expected event, line)."""
+    bob_orders, bob_items, alice = _shape("s-bob", "bob", "orders"), _shape("s-bob", "bob", "items"), \
+        _shape("s-alice", "alice", "orders")
+    t0 = datetime.datetime(2026, 11, 24, 2, 13, 58, 999_000, tzinfo=datetime.UTC)
+    out = []
+    for i in range(40):
+        now = t0 + datetime.timedelta(microseconds=97_003 * i)  # crosses 02:14:00 after ~11 reads
+        shape = (bob_orders, bob_items, alice)[i % 3]
+        done: Done | Pending = Pending(i + 1, 1, False, (now, shape))  # ran, one tag: stored as a few numbers
+        done.tags, done.closed, done.started, done.ended = [f"SELECT {i % 4}"], True, 10.0, 10.0 + 0.00025 * i
+        if i == 25:  # a tag JSON must escape
+            done.tags = ['WEIRD "tag" \\ 2']
+        if i % 7 == 0:  # anything else keeps its completion whole
+            done = Done(i + 1, b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % (i + 1), (now, shape))
+        if i == 20:  # an error, with a message that needs escaping
+            done = Done(i + 1, orjson.dumps({"stmt": i + 1, "duration_ms": 1.5, "tags": [], "rows": 0,
+                                             "error": {"sqlstate": "22P02", "message": 'bad "…" \\ é'},
+                                             "status": "error"}), (now, shape))
+        line = shape.line(now, done.stmt, done.json())
+        if i == 30:
+            writer.append(line, block=True)  # a read appended whole still lands in the block
+        else:
+            writer.append_read(done)
+        out.append((orjson.loads(line), line))
+    return out
+
+
+def test_a_block_expands_to_exactly_the_decision_events_of_its_reads(tmp_path):
+    path = str(tmp_path / "l.db")
+    writer = sqlite_sink.SqliteLedger(path, "c1")
+    expected = _reads(writer)
+    writer.close()
+    conn = sqlite3.connect(path)
+    blocks = [orjson.loads(d) for (d,) in conn.execute("SELECT data FROM entries WHERE kind = 'reads' ORDER BY id")]
+    assert len(blocks) == 2 and [b["count"] for b in blocks] == [11, 29]  # one per minute
+    assert all(len(b["shapes"]) == 3 for b in blocks)  # each shape stored once per block
+    got = [r for b in blocks for r in search.block_reads(b)]
+    assert got == [e for e, _ in expected]
+    assert [list(r) for r in got] == [list(e) for e, _ in expected]  # the same keys in the same order
+    size = sum(len(d) for (d,) in conn.execute("SELECT data FROM entries WHERE kind = 'reads'"))
+    assert size < sum(len(line) for _, line in expected) / 2
+    assert ledger.verify(sqlite_sink.read_rows(conn)).ok
+
+
+def test_search_finds_and_expands_each_read_of_a_compact_block(tmp_path):
+    path = str(tmp_path / "l.db")
+    writer = sqlite_sink.SqliteLedger(path, "c1")
+    expected = [e for e, _ in _reads(writer)]
+    writer.close()
+    conn = sqlite3.connect(path)
+
+    def found(**q: object) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "ledger"} for e in search.search(conn, search.Query(**q))]
+
+    assert found() == expected
+    assert found(user="alice") == [e for e in expected if e["identity"]["user"] == "alice"]
+    assert found(table="items", column="a", operation="select") == [e for e in expected if "items" in e["statement"]]
+    assert found(since="2026-11-24 02:14:00", user="bob", limit=3) == [
+        e for e in expected if e["time"] >= "2026-11-24T02:14" and e["identity"]["user"] == "bob"][:3]
+    assert found(fingerprint="fp-orders", session="s-alice") == [e for e in expected if e["session"] == "s-alice"]
+    hit = search.search(conn, search.Query(user="alice", since="2026-11-24 02:14:01", limit=1))[0]
+    assert hit["ledger"]["index"] > 0 and hit["completion"]["rows"] == 23 % 4 and hit["completion"]["duration_ms"] == 5.75
+    error = [e for e in search.search(conn, search.Query()) if e["stmt"] == 21][0]
+    assert error["completion"]["error"]["message"] == 'bad "…" \\ é'
+
+
+def test_verify_catches_edits_inside_a_compact_block(tmp_path):
+    path = str(tmp_path / "l.db")
+    writer = sqlite_sink.SqliteLedger(path, "c1")
+    _reads(writer)
+    writer.close()
+    for edit in ("replace(CAST(data AS TEXT), '\"user\":\"alice\"', '\"user\":\"carol\"')",  # a shape
+                 "replace(CAST(data AS TEXT), 'SELECT 1\"]', 'SELECT 9\"]')",  # one read's outcome (its rows)
+                 "replace(CAST(data AS TEXT), ',[1,', ',[2,')"):  # a read moved to another shape
+        copy = tmp_path / "edited.db"
+        copy.write_bytes(pathlib.Path(path).read_bytes())
+        conn = sqlite3.connect(copy)
+        where = "kind = 'reads' AND id = (SELECT min(id) FROM entries WHERE kind = 'reads')"
+        before = conn.execute(f"SELECT data FROM entries WHERE {where}").fetchone()[0]
+        conn.execute(f"UPDATE entries SET data = CAST({edit} AS BLOB) WHERE {where}")
+        conn.commit()
+        assert conn.execute(f"SELECT data FROM entries WHERE {where}").fetchone()[0] != before, edit
+        result = ledger.verify(sqlite_sink.read_rows(conn))
+        assert [p.kind for p in result.problems] == ["altered"], edit
+        conn.close()
+
+
+def test_a_read_appended_whole_without_a_time_does_not_stall_the_writer(tmp_path):
+    path = str(tmp_path / "l.db")
+    writer = sqlite_sink.SqliteLedger(path, "c1")
+    writer.append(b'{"kind":"decision","stmt":1}', block=True)  # taken as of now: its own minute
+    writer.append(_event("s1", 2), block=True)
+    writer.append(_event("s1", 3), block=True)
+    assert writer.append(_event("s2", 4), durable=True).result(5) == 3
+    writer.close()
+    conn = sqlite3.connect(path)
+    events = [orjson.loads(d) for (d,) in conn.execute("SELECT data FROM entries ORDER BY id")]
+    reads = [r for e in events for r in (search.block_reads(e) if e["kind"] == "reads" else [e])]
+    assert [r["stmt"] for r in reads] == [1, 2, 3, 4]
+    assert ledger.verify(sqlite_sink.read_rows(conn)).ok

@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime
 import enum
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from dbguard.audit.writer import Waiter
+if TYPE_CHECKING:
+    from dbguard.audit.writer import Waiter
 
 
 class EventKind(str, enum.Enum):
@@ -33,13 +34,70 @@ class EventKind(str, enum.Enum):
 _second_cache: tuple[int, str] = (0, "")
 
 
+class ReadShape:
+    """What every read of one statement shape in one session has in common, serialized once.
+
+    ``head`` is the session's members (session, identity, database, client_addr) and ``body`` the
+    statement's (protocol, statement, statements, decisions, outcome...), both ``"key":value``
+    bytes without braces. A read's entry is ``time``, ``kind``, ``head``, its ``stmt``, ``body``
+    and its ``completion``: the session keeps one ReadShape per shape, so a repeated read costs
+    the ledger a reference, and a block of reads stores each shape once (see audit.writer).
+    """
+
+    __slots__ = ("body", "head", "touches")
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head = head
+        self.body = body
+        self.touches: list[tuple[str, str, str, str]] | None = None  # the search index's rows, made by the writer
+
+    def line(self, now: datetime.datetime, stmt: int, completion: bytes) -> bytes:
+        """The read's entry as one JSON object: the same bytes a decision event has."""
+        return (b'{"time":"' + iso_time(now).encode() + b'","kind":"decision",' + self.head
+                + b',"stmt":%d,' % stmt + self.body + b',"completion":' + completion + b"}")
+
+
+class Completion(Protocol):
+    """What became of a read (session.completions.Pending): its statement number, its decision's
+    ``deferred`` (when it was decided, its ReadShape) and its JSON."""
+
+    stmt: int
+    deferred: tuple[datetime.datetime, ReadShape] | None
+
+    def json(self) -> bytes: ...
+
+    def compact(self) -> tuple[int, int, str] | None:
+        """(stmt, duration in microseconds, tag) when that says everything (one tag, ok), else None."""
+        ...
+
+
+class Done:
+    """A completion known in advance (a read bound but never executed)."""
+
+    __slots__ = ("_json", "deferred", "stmt")
+
+    def __init__(self, stmt: int, json: bytes, deferred: tuple[datetime.datetime, ReadShape]) -> None:
+        self.stmt, self._json, self.deferred = stmt, json, deferred
+
+    def json(self) -> bytes:
+        return self._json
+
+    def compact(self) -> None:
+        return None
+
+
 def iso_time(now: datetime.datetime) -> str:
-    """ISO 8601 UTC with microseconds; the seconds part is formatted once per second."""
+    """ISO 8601 UTC with microseconds; the seconds part is formatted once per second.
+
+    The event loop and the ledger's writer thread both call it: the cache is read once, so a
+    thread switch between the check and the use cannot pair one second's text with another's.
+    """
     global _second_cache
     ts = int(now.timestamp())
-    if _second_cache[0] != ts:
-        _second_cache = (ts, now.replace(microsecond=0).isoformat()[:19])
-    return f"{_second_cache[1]}.{now.microsecond:06d}+00:00"
+    cache = _second_cache
+    if cache[0] != ts:
+        cache = _second_cache = (ts, now.replace(microsecond=0).isoformat()[:19])
+    return f"{cache[1]}.{now.microsecond:06d}+00:00"
 
 
 class EventSink:
@@ -88,6 +146,22 @@ class EventSink:
         line = (b'{"time":"' + now_iso.encode() + b'","kind":"' + kind.value.encode() + b'",'
                 + b",".join(fragments) + b"}")
         return self._line(line, flush, durable, block)
+
+    def emit_read(self, completion: Completion) -> None:
+        """Queue a read's decision (``completion.deferred``: when, its ReadShape) with its outcome.
+
+        The ledger receives the completion object, not a line: its writer formats it and chains
+        reads in blocks that hold each shape once, so a read costs the event loop one queue
+        append. JSON lines get the whole event, as ``emit_fragments`` would write it.
+        """
+        self.emitted += 1
+        if self.ledger is not None:
+            self.ledger.append_read(completion)
+        if self._stream is not None:
+            now, shape = completion.deferred  # type: ignore[misc]
+            self._buf.append(shape.line(now, completion.stmt, completion.json()))
+            if len(self._buf) >= 512:
+                self.flush()
 
     def flush(self) -> None:
         if self._buf and self._stream is not None:

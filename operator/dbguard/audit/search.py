@@ -133,7 +133,7 @@ def _expand(conn: Any, chain: str, seq: int, data: bytes, q: Query) -> list[dict
     event = orjson.loads(data)
     if event.get("kind") == "reads":
         found = []
-        for index, read in enumerate(event.get("entries") or ()):
+        for index, read in enumerate(block_reads(event)):
             if matches(read, q):
                 read["ledger"] = {"chain": chain, "seq": seq, "index": index}
                 found.append(read)
@@ -152,6 +152,37 @@ def _expand(conn: Any, chain: str, seq: int, data: bytes, q: Query) -> list[dict
         if changed:
             event["row_changes"] = [c for (data,) in changed for c in orjson.loads(data).get("changes") or ()]
     return [event]
+
+
+def block_reads(block: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reads a block entry (kind ``reads``) holds, in order, each as the decision event it was.
+
+    Two formats: the first kept every read whole (``entries``); the current one keeps each distinct
+    shape once (``shapes``: ``[{session members}, {statement members}]``) and per read ``[shape,
+    microseconds into the block's minute, {completion}]``, or ``[shape, microseconds, stmt,
+    duration in µs, tag]`` for a read that ran with one tag (status ok, rows from the tag), or the
+    read itself for a read appended whole (see writer._block).
+    """
+    if "entries" in block:
+        return block["entries"]
+    minute = block.get("time", "")[:17]  # "2026-11-24T02:13:": every read of a block is in its minute
+    shapes = block.get("shapes") or ()
+    out = []
+    for item in block.get("reads") or ():
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        if len(item) == 5:  # [shape, micros, stmt, duration in µs, tag]: ran, one tag, no error, nothing masked
+            index, micros, stmt, duration, tag = item
+            last = tag.rpartition(" ")[2]
+            completion = {"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
+                          "rows": int(last) if last.isdigit() else 0, "status": "ok"}
+        else:
+            index, micros, completion = item
+        head, body = shapes[index]
+        out.append({"time": f"{minute}{micros // 1_000_000:02d}.{micros % 1_000_000:06d}+00:00",
+                    "kind": "decision", **head, "stmt": completion.get("stmt", 0), **body, "completion": completion})
+    return out
 
 
 def matches(e: dict[str, Any], q: Query) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import logging
 import threading
 import time
@@ -24,12 +25,13 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dbguard.audit import ledger
+from dbguard.audit.events import iso_time
 from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
 log = logging.getLogger("dbguard.ledger")
 
 BATCH_MAX = 1000
-BLOCK_MAX = 256  # reads in one block entry
+BLOCK_MAX = BATCH_MAX  # reads in one block entry: a batch's reads of one minute are one entry
 READ_LINGER = 0.05  # seconds a batch of entries nobody waits for may gather before its commit
 RETRY_LIMIT = 100_000  # non-durable entries kept for retry while the store fails
 
@@ -63,7 +65,10 @@ class Store(Protocol):
 
 def touches(event: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
     """(operation, schema, table, column) for each object a statement touches: the search index."""
-    for statement in event.get("statements") or event.get("block_statements") or ():
+    if "block_touches" in event:  # a block of reads: its shapes' touches, worked out already
+        yield from event["block_touches"]
+        return
+    for statement in event.get("statements") or ():
         for action in statement.get("actions") or ():
             for col in action.get("columns") or [""]:
                 yield (action.get("operation", ""), action.get("schema", ""), action.get("name", ""), col)
@@ -106,43 +111,105 @@ def _settle(waiting: list[tuple[Waiter, int | None]], error: BaseException | Non
                 fut.set_result(seq)
 
 
-def _records(pending: list[tuple[bytes, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
+Read = Any  # a read: its events.Completion, whose ``deferred`` is (decided at, its events.ReadShape)
+_MINUTE = datetime.timedelta(minutes=1)
+
+
+def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
     """What the chain stores, in order: each entry, except that consecutive reads of the same minute
-    become one block entry (``{"kind":"reads","time":..,"entries":[..]}``). The third item is how
-    many pending appends the record holds (a block holds its run).
+    become one block entry (see ``_block``). The third item is how many pending appends the record
+    holds (a block holds its run).
 
     A read costs the store a fraction of a row this way; search expands blocks and filters their
     reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
     """
-    run: list[tuple[bytes, dict[str, Any]]] = []
-    for data, _, block in pending:
-        event = orjson.loads(data)
-        if block and (not run or (event.get("time", "")[:16] == run[0][1].get("time", "")[:16]
-                                  and len(run) < BLOCK_MAX)):
-            run.append((data, event))
+    i, n = 0, len(pending)
+    while i < n:
+        data, _, block = pending[i]
+        if not block:
+            yield data, orjson.loads(data), 1  # type: ignore[arg-type]
+            i += 1
             continue
-        if run:
-            yield *_block(run), len(run)
-            run = []
-        if block:
-            run.append((data, event))
-        else:
-            yield data, event, 1
-    if run:
-        yield *_block(run), len(run)
+        j = i + 1
+        while j < n and pending[j][2] and j - i < BLOCK_MAX:
+            j += 1
+        reads = [d for d, _, _ in pending[i:j]]
+        times = [_time_of(d) if type(d) is bytes else d.deferred[0] for d in reads]
+        first, last = min(times), max(times)
+        if first.replace(second=0, microsecond=0) == last.replace(second=0, microsecond=0):
+            yield *_block(reads, first), j - i  # the usual case: a batch's reads are of one minute
+        else:  # split where the minute changes
+            k = i
+            while k < j:
+                start = times[k - i].replace(second=0, microsecond=0)
+                end = start + _MINUTE
+                m = k + 1
+                while m < j and start <= times[m - i] < end:
+                    m += 1
+                yield *_block(reads[k - i:m - i], min(times[k - i:m - i])), m - k
+                k = m
+        i = j
 
 
-def _block(run: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, dict[str, Any]]:
-    if len(run) == 1:
-        return run[0]
-    first = min(event.get("time", "") for _, event in run)
-    data = (b'{"kind":"reads","time":"' + first.encode() + b'","count":%d,"entries":[' % len(run)
-            + b",".join(d for d, _ in run) + b"]}")
+def _time_of(data: bytes) -> datetime.datetime:
+    """A read appended whole: its time (now if it has none, so it cannot stall the batch)."""
+    try:
+        return datetime.datetime.fromisoformat(orjson.loads(data).get("time", "")).astimezone(datetime.UTC)
+    except (ValueError, TypeError, AttributeError):
+        return datetime.datetime.now(datetime.UTC)
+
+
+def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
+    """A read shape's rows for the search index, worked out once per shape (shapes are reused)."""
+    if shape.touches is None:
+        shape.touches = list(dict.fromkeys(touches(orjson.loads(b"{" + shape.body + b"}"))))
+    return shape.touches
+
+
+def _block(reads: list[bytes | Read], first: datetime.datetime) -> tuple[bytes, dict[str, Any]]:
+    """One entry for reads of one minute: ``{"kind":"reads","time":..,"count":..,"shapes":[..],"reads":[..]}``.
+
+    ``shapes`` holds each distinct ``[{session members},{statement members}]`` once; a read that
+    ran and returned one command tag with no error and nothing masked is ``[shape, microseconds
+    into the block's minute, stmt, duration in microseconds, tag]``, any other read ``[shape,
+    microseconds, {completion}]``, and a read appended as bytes its whole entry. The block's time
+    is its earliest read. ``search.block_reads`` turns a block back into its reads, exactly as
+    each read's own decision event would have been.
+    """
+    if len(reads) == 1:
+        data = reads[0]
+        if type(data) is not bytes:  # a lone read is an ordinary decision entry
+            now, shape = data.deferred
+            data = shape.line(now, data.stmt, data.json())
+        return data, orjson.loads(data)  # type: ignore[arg-type]
+    shapes: dict[Any, int] = {}
+    get = shapes.get
+    found: dict[tuple[str, str, str, str], None] = {}
+    rows: list[Any] = []
+    append = rows.append
+    for completion in reads:
+        if type(completion) is not bytes:
+            when, shape = completion.deferred
+            index = get(shape)
+            if index is None:
+                index = shapes[shape] = len(shapes)
+                found.update(dict.fromkeys(_shape_touches(shape)))
+            done = completion.compact()
+            if done is not None:
+                append((index, when.second * 1_000_000 + when.microsecond, *done))
+            else:
+                append((index, when.second * 1_000_000 + when.microsecond, orjson.loads(completion.json())))
+        else:  # a read appended whole
+            event = orjson.loads(completion)
+            append(event)
+            found.update(dict.fromkeys(touches(event)))
+    iso = iso_time(first)
+    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(reads)
+            + b",".join([b"[{" + shape.head + b"},{" + shape.body + b"}]" for shape in shapes])
+            + b'],"reads":' + orjson.dumps(rows) + b"}")
     # Search matches a block on its time and touches only, then filters each read: no per-block
     # user or session to index.
-    index = {"kind": "reads", "time": first, "outcome": "forwarded",
-             "block_statements": [s for _, event in run for s in event.get("statements") or ()]}
-    return data, index
+    return data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(found)}
 
 
 class LedgerWriter:
@@ -158,11 +225,11 @@ class LedgerWriter:
         self._seq, self._prev, self._signed_seq = store.tail(chain)
         # Entries wait in a deque (appending is atomic); the writer wakes for a durable entry, for
         # shutdown, or every READ_LINGER: reads never wake it one by one.
-        self._items: collections.deque[tuple[bytes, Waiter | None, bool]] = collections.deque()
+        self._items: collections.deque[tuple[bytes, Waiter | None, bool] | Read] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._stopping_attempts = 0  # commits retried at shutdown while the store fails
-        self._retry: list[tuple[bytes, bool]] = []
+        self._retry: list[tuple[bytes | Read, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
         self.commit_latency = Buckets(LEDGER_BUCKETS)
@@ -192,6 +259,15 @@ class LedgerWriter:
             self._wake.set()
         return future
 
+    def append_read(self, completion: Any) -> None:
+        """Queue a read (never durable): its finished ``events.Completion``, whose ``deferred`` is
+        when it was decided and its session's ``events.ReadShape``. This thread formats it and
+        chains reads in blocks that store each shape once: the event loop neither builds nor
+        serializes the read's entry, and queues the object itself (no tuple to allocate)."""
+        self._items.append(completion)
+        if len(self._items) >= BATCH_MAX:
+            self._wake.set()
+
     def queued(self) -> int:
         """Entries not yet committed: the ledger's lag."""
         return len(self._items) + len(self._retry)
@@ -217,10 +293,16 @@ class LedgerWriter:
             items = self._items
             while items or self._retry:  # group commit: everything that queued up, in batches
                 batch = [items.popleft() for _ in range(min(len(items), BATCH_MAX))]
+                batch = [x if type(x) is tuple else (x, None, True) for x in batch]  # a read (append_read)
                 self._commit(batch)
                 idle_since = time.monotonic()
                 if self.last_failed:
                     break  # retried at the next wake-up
+                if not (stop or self._wake.is_set() or len(items) >= BATCH_MAX):
+                    # What queued up during the commit is reads: they wait for the next durable entry
+                    # or READ_LINGER, so a batch is ~READ_LINGER of reads, not a commit's worth.
+                    break
+                self._wake.clear()  # a durable entry is among them: commit it now
             if stop and not items:
                 if self._retry:
                     self._stopping_attempts += 1
@@ -247,7 +329,7 @@ class LedgerWriter:
         self._signed_seq = self._seq
         self._last_signed = time.monotonic()
 
-    def _commit(self, batch: list[tuple[bytes, Waiter | None, bool]]) -> None:
+    def _commit(self, batch: list[tuple[bytes | Read, Waiter | None, bool]]) -> None:
         pending = [(data, None, block) for data, block in self._retry] + batch
         seq, prev = self._seq, self._prev
         entries: list[Entry] = []
@@ -302,7 +384,7 @@ class LedgerWriter:
         except Exception:  # noqa: BLE001 - the store is down: it did not land as far as we can know
             return False
 
-    def _succeeded(self, pending: list[tuple[bytes, Waiter | None, bool]], seq: int, prev: str,
+    def _succeeded(self, pending: list[tuple[bytes | Read, Waiter | None, bool]], seq: int, prev: str,
                    checkpoints: list[tuple[int, str, bytes]], item_seqs: list[int]) -> None:
         self._seq, self._prev = seq, prev
         self.last_failed = False

@@ -24,12 +24,12 @@ class Pending:
     __slots__ = ("closed", "deferred", "ended", "error", "interrupted", "masked", "portal", "started", "stmt",
                  "sync_no", "tags", "until_ready")
 
-    def __init__(self, stmt: int, sync_no: int, until_ready: bool, deferred: tuple[str, bytes] | None,
+    def __init__(self, stmt: int, sync_no: int, until_ready: bool, deferred: tuple[str, Any] | None,
                  portal: str = "") -> None:
         self.stmt = stmt  # the session's statement number, shared with the decision entry
         self.sync_no = sync_no  # the ReadyForQuery that ends this round trip
         self.until_ready = until_ready  # a simple Query: every CommandComplete until ReadyForQuery is its
-        self.deferred = deferred  # a read's decision entry, written together with its completion
+        self.deferred = deferred  # a read's (time, events.ReadShape): written together with its completion
         self.portal = portal  # an Execute's portal: its DataRows are masked by the portal's plan
         self.started = time.monotonic()
         self.tags: list[str] = []
@@ -69,6 +69,15 @@ class Pending:
             return b'{"stmt":%d,"duration_ms":%.3f,"tags":["%s"],"rows":%d,"status":"ok"}' % (
                 self.stmt, (end - self.started) * 1000, tags[0].encode(), int(last) if last.isdigit() else 0)
         return orjson.dumps(self.fields())
+
+    def compact(self) -> tuple[int, int, str] | None:
+        """(stmt, duration in µs, tag) when the statement ran and returned one ASCII tag with no error
+        and nothing masked, else None: how a block of reads in the ledger stores the common case
+        (``search.block_reads`` rebuilds the completion ``json()`` would write)."""
+        tags = self.tags
+        if len(tags) == 1 and self.closed and self.error is None and not self.masked and tags[0].isascii():
+            return self.stmt, round(((self.ended or time.monotonic()) - self.started) * 1_000_000), tags[0]
+        return None
 
 
 _QUOTED = re.compile(r'"[^"]*"')
@@ -164,7 +173,9 @@ class CompletionTracker:
         """The session ended: whatever was still pending, for the record."""
         done = list(self._queue)
         self._queue.clear()
+        now = time.monotonic()
         for p in done:
             if not p.closed and p.error is None:
                 p.interrupted = True
+                p.ended = now  # its duration ends here, not when the ledger's writer formats it
         return done

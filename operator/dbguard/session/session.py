@@ -28,7 +28,7 @@ import psycopg
 from dbguard.analyze import facts as F
 from dbguard.approvals.flow import approval_decision, mixed_rules, rows_from_tags
 from dbguard.approvals.store import expand_formats, params_as_text
-from dbguard.audit.events import EventKind, iso_time
+from dbguard.audit.events import Done, EventKind, ReadShape, iso_time
 from dbguard.audit.writer import LedgerUnavailable, Waiter
 from dbguard.errors import Refusal
 from dbguard.identity import authenticator
@@ -117,11 +117,12 @@ class ClientSession(asyncio.Protocol):
         self._in_batch = False  # extended-protocol messages seen since the last Sync
         self._statements: dict[str, tuple[F.StatementFacts, ...]] = {}  # protocol-level prepared statements
         # portal -> (statements, statement number, a read's decision entry deferred to its completion)
-        self._portals: dict[str, tuple[tuple[F.StatementFacts, ...], int, tuple[str, bytes] | None]] = {}
+        self._portals: dict[str, tuple[tuple[F.StatementFacts, ...], int, tuple[datetime.datetime, ReadShape] | None]] = {}
         self.completions = CompletionTracker()
         self._finished: list[Pending] = []  # completed statements not yet recorded
         self._stmt_no = 0  # decisions in this session; completion entries name theirs
-        self._decided: tuple[int, tuple[str, bytes] | None] = (0, None)  # the latest decision's number, deferral
+        self._decided: tuple[int, tuple[datetime.datetime, ReadShape] | None] = (0, None)  # the latest decision's number, deferral
+        self._read_shapes: dict[tuple[str, str, bytes], ReadShape] = {}  # (protocol, statement, shape) -> its ReadShape
         self._markers: dict[str, tuple[Refusal, int]] = {}  # refusal name -> (refusal, sync number)
         self._refusals = 0
         self._syncs_sent = 0  # Query and Sync messages sent: each earns one ReadyForQuery
@@ -1148,7 +1149,9 @@ class ClientSession(asyncio.Protocol):
             self._approval_note = b""
             return None
         # The facts and decisions of a statement shape repeat: serialize them once per shape.
-        key = (id(verdict.judged), *map(id, verdict.decisions))
+        decisions = verdict.decisions
+        key = (id(verdict.judged), id(decisions[0])) if len(decisions) == 1 else \
+            (id(verdict.judged), *map(id, decisions))
         memo = _SHAPE_MEMO.get(key)
         if memo is None or memo[0] is not verdict.judged or refusal is not None:
             shape = orjson.dumps({
@@ -1169,16 +1172,25 @@ class ClientSession(asyncio.Protocol):
         else:
             shape, reads = memo[2], memo[3]
         self._stmt_no += 1
+        note, self._approval_note = self._approval_note, b""  # the approval request it ran under, or waits for
+        if refusal is None and reads:
+            # A read's entry waits for its completion (rows, duration, error) and is written once,
+            # from what every read of this shape in this session shares, serialized once.
+            read_shape = self._read_shapes.get((protocol, statement, shape)) if not note else None
+            if read_shape is None:
+                body = b'"protocol":"' + protocol.encode() + b'","statement":' + orjson.dumps(statement[:4096])
+                read_shape = ReadShape(self._event_prefix, body + (b',"approval_request":' + note if note else b"")
+                                       + b"," + shape)
+                if not note:
+                    if len(self._read_shapes) >= 256:
+                        self._read_shapes.clear()
+                    self._read_shapes[(protocol, statement, shape)] = read_shape
+            self._decided = (self._stmt_no, (now, read_shape))
+            return None
         members = (b'"stmt":%d,"protocol":"' % self._stmt_no + protocol.encode() + b'","statement":'
                    + orjson.dumps(statement[:4096]))
-        if self._approval_note:  # which approval request this statement ran under, or is waiting for
-            members += b',"approval_request":' + self._approval_note
-            self._approval_note = b""
-        durable = refusal is not None or not reads
-        if not durable:
-            # A read's entry waits for its completion (rows, duration, error) and is written once.
-            self._decided = (self._stmt_no, (iso_time(now), self._event_prefix + b"," + members + b"," + shape))
-            return None
+        if note:
+            members += b',"approval_request":' + note
         self._decided = (self._stmt_no, None)
         return self.proxy.events.emit_fragments(EventKind.DECISION, iso_time(now), self._event_prefix, members,
                                                 shape, flush=refusal is not None, durable=True)
@@ -1192,10 +1204,8 @@ class ClientSession(asyncio.Protocol):
                 self.proxy.approvals.finished(self._approved_stmts.pop(portal[1]), None,
                                               "not executed: the portal was closed before it ran")
             if portal is not None and portal[2] is not None:
-                iso, fragment = portal[2]
-                self.proxy.events.emit_fragments(
-                    EventKind.DECISION, iso, fragment,
-                    b'"completion":{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % portal[1], block=True)
+                self.proxy.events.emit_read(Done(
+                    portal[1], b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % portal[1], portal[2]))
 
     def _record_completions(self, finished: list[Pending]) -> None:
         now_iso = ""
@@ -1203,7 +1213,7 @@ class ClientSession(asyncio.Protocol):
         for p in finished:
             if not p.stmt:
                 continue
-            if p.ended:
+            if p.ended and not p.interrupted:
                 durations.observe(p.ended - p.started)
             if self._approved_stmts and p.stmt in self._approved_stmts and self.proxy.approvals is not None:
                 self._executes_sent.discard(p.stmt)
@@ -1211,13 +1221,12 @@ class ClientSession(asyncio.Protocol):
                                               f"{p.error[0]}: {p.error[1]}" if p.error else None)
             if not self.proxy.events.active:
                 continue
-            completion = b'"completion":' + p.json()
             if p.deferred is not None:
-                self.proxy.events.emit_fragments(EventKind.DECISION, p.deferred[0], p.deferred[1], completion,
-                                                 block=True)
+                self.proxy.events.emit_read(p)  # formatted by the ledger's writer
             else:
                 now_iso = now_iso or iso_time(datetime.datetime.now(datetime.UTC))
-                self.proxy.events.emit_fragments(EventKind.COMPLETION, now_iso, self._event_prefix, completion)
+                self.proxy.events.emit_fragments(EventKind.COMPLETION, now_iso, self._event_prefix,
+                                                 b'"completion":' + p.json())
 
     # extended protocol
 
