@@ -24,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fix_postgres import APP_PASSWORD, free_port, start_postgres, stop_postgres  # noqa: E402
+from tests.fix_postgres import APP_PASSWORD, Postgres, free_port, start_postgres, stop_postgres  # noqa: E402
 from tests.fix_proxy import EXAMPLE_POLICY, EXAMPLE_TOKENS, wait_until  # noqa: E402
 
 WORKLOADS = [  # name, pgbench args, statements per transaction
@@ -49,6 +49,12 @@ def pgbench(port: int, user: str, password: str, args: list[str], duration: int,
     lat = float(re.search(r"latency average = ([\d.]+) ms", r.stdout).group(1))
     txns = int(re.search(r"number of transactions actually processed: (\d+)", r.stdout).group(1))
     return tps, lat, txns
+
+
+def init_pgbench(pg: Postgres, scale: int) -> None:
+    """pgbench's tables at this scale in database app, owned by the app role."""
+    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "app", "app"],
+                   env={**os.environ, "PGPASSWORD": APP_PASSWORD}, check=True, capture_output=True)
 
 
 def start_pgbouncer(pg_port: int, tmp: pathlib.Path) -> tuple[subprocess.Popen, int]:
@@ -96,9 +102,7 @@ def main() -> int:
     pg = start_postgres(tmp / "pg")
     procs: list[subprocess.Popen] = []
     try:
-        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port),
-                        "-U", "app", "app"], env={**os.environ, "PGPASSWORD": APP_PASSWORD},
-                       check=True, capture_output=True)
+        init_pgbench(pg, args.scale)
         (tmp / "bouncer").mkdir()
         bouncer, bouncer_port = start_pgbouncer(pg.port, tmp / "bouncer")
         procs.append(bouncer)

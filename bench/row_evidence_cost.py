@@ -11,7 +11,6 @@ pgbench_accounts (every transaction does one). Usage: python bench/row_evidence_
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import shutil
 import sqlite3
@@ -24,9 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pgbench_compare import cpu_seconds, pgbench, start_dbguard  # noqa: E402
+from pgbench_compare import cpu_seconds, init_pgbench, pgbench, start_dbguard  # noqa: E402
 
-from tests.fix_postgres import APP_PASSWORD, start_postgres, stop_postgres  # noqa: E402
+from tests.fix_postgres import start_postgres, stop_postgres  # noqa: E402
 
 WATCH = """apiVersion: dbguard.io/v1alpha1
 kind: GuardrailPolicy
@@ -47,9 +46,7 @@ def main() -> int:
     pg = start_postgres(tmp / "pg")
     procs: list[subprocess.Popen] = []
     try:
-        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(pg.port),
-                        "-U", "app", "app"], env={**os.environ, "PGPASSWORD": APP_PASSWORD},
-                       check=True, capture_output=True)
+        init_pgbench(pg, args.scale)
         pg.psql("ALTER ROLE app REPLICATION", db="postgres")
         pg.psql("ALTER TABLE pgbench_accounts REPLICA IDENTITY FULL")
         (tmp / "watch.yaml").write_text(WATCH)
