@@ -333,7 +333,9 @@ def test_a_locked_ledger_under_load_refuses_only_writes_and_loses_no_answered_st
         traffic.run(reader if no % 2 else writer, no)
     try:
         wait_until(lambda: traffic.done["writes"] > 100, timeout=20, what="traffic")
-        blocker = sqlite3.connect(db, timeout=0.1, isolation_level=None)
+        # between two of the writer's batches: wait for the file as long as it takes (the writer holds
+        # it only while it commits)
+        blocker = sqlite3.connect(db, timeout=10, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")  # someone else holds the ledger file
         try:
             wait_until(lambda: traffic.done["refused"] >= 4, timeout=20, what="writes to be refused")
