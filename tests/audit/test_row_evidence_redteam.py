@@ -163,3 +163,25 @@ def test_a_fast_server_restart_is_not_held_up_by_the_stream_and_evidence_resumes
             proxy.stop()
         assert proxy.proc.returncode == 0
     assert [e["changes"][0]["new"]["balance"] for e in rows_entries(tmp_path / "ledger.db")] == ["1.00", "2.00"]
+
+
+def test_a_cancelled_write_records_nothing_and_the_session_goes_on(rows_pg: Postgres, tmp_path):  # noqa: F811
+    """A cancel request reaches the server while the marked write runs (or while its marker does):
+    the client gets 57014, nothing is recorded for the rolled-back statement, the next write is."""
+    import threading
+
+    proxy = rows_proxy(rows_pg, tmp_path, text=UNMASKED)
+    try:
+        with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
+            for delay in (0.05, 0.3):
+                timer = threading.Timer(delay, conn.cancel)
+                timer.start()
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute("UPDATE customers SET balance = 99 WHERE id = 1 AND pg_sleep(1) IS NOT NULL")
+                timer.join()
+            conn.execute("UPDATE customers SET balance = 5 WHERE id = 2")
+        wait_until(lambda: rows_entries(tmp_path / "ledger.db"), timeout=20, what="row evidence")
+    finally:
+        proxy.stop()
+    assert [(e["changes"][0]["key"]["id"], e["changes"][0]["new"]["balance"])
+            for e in rows_entries(tmp_path / "ledger.db")] == [("2", "5.00")]
