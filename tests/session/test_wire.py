@@ -14,47 +14,22 @@ import pytest
 from dbguard.pgwire import messages as m
 from tests.fix_postgres import MD5_PASSWORD, Postgres
 from tests.fix_proxy import Proxy, start_proxy
+from tests.hostile.wire import Client
 
 
-class Raw:
-    """A minimal raw frontend, to send exactly the bytes a test needs."""
+class Raw(Client):
+    """A minimal raw frontend, to send exactly the bytes a test needs; over TCP or a Unix socket."""
 
     def __init__(self, port: int | None = None, *, unix_path: str = "") -> None:
         if unix_path:
             self.sock = socket.socket(socket.AF_UNIX)
             self.sock.settimeout(10)
             self.sock.connect(unix_path)
+            self.buf = b""
         else:
-            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
+            super().__init__(port)
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv_message(self) -> tuple[str, bytes]:
-        while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack("!i", self.buf[1:5])[0]:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        length = struct.unpack("!i", self.buf[1:5])[0]
-        t, payload, self.buf = chr(self.buf[0]), self.buf[5 : 1 + length], self.buf[1 + length :]
-        return t, payload
-
-    def until_ready(self) -> list[tuple[str, bytes]]:
-        out = []
-        while True:
-            t, p = self.recv_message()
-            out.append((t, p))
-            if t == "Z":
-                return out
-
-    def login(self, user: str = "alice", token: str = "alice-dev-token") -> list[tuple[str, bytes]]:
-        self.send(m.encode_startup({"user": user, "database": "app"}))
-        t, p = self.recv_message()
-        assert (t, struct.unpack("!i", p[:4])[0]) == ("R", 3)
-        self.send(m.encode_password(token.encode() + b"\x00"))
-        return self.until_ready()
+    recv_message = Client.recv
 
     def closed(self) -> bool:
         try:
@@ -66,9 +41,6 @@ class Raw:
                 self.buf += chunk
         except (ConnectionResetError, TimeoutError):
             return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def parse(name: str, sql: str) -> bytes:

@@ -81,15 +81,11 @@ def both(data: bytes, pos: int, end: int, max_len: int, steps: tuple) -> object:
     return results[0]
 
 
-needs_c = pytest.mark.skipif(R._mask_rows_c is None, reason="the compiled row masker was not built")
-
-
 def test_the_compiled_row_masker_is_built():
     # make venv and the image build it; without it masking runs ~30x slower (docs/performance.md)
     assert R._mask_rows_c is not None
 
 
-@needs_c
 @settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_compiled_and_python_maskers_agree_and_follow_the_definition(data):
@@ -118,7 +114,6 @@ def test_compiled_and_python_maskers_agree_and_follow_the_definition(data):
                 assert got == mask_value(mask.strategy, mask.opts, value, typ, binary, KEY)
 
 
-@needs_c
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_malformed_and_partial_input_is_handled_alike(data):

@@ -228,6 +228,19 @@ def encode_bind(*, statement: str, portal: str = "", params: Iterable[bytes | No
     return _msg(b"B", b"".join(parts))
 
 
+def encode_parse(name: str, sql: str) -> bytes:
+    """Parse with no parameter types given (the server infers them)."""
+    return _msg(b"P", _cstr(name) + _cstr(sql) + _I16.pack(0))
+
+
+def encode_execute(portal: str, max_rows: int = 0) -> bytes:
+    return _msg(b"E", _cstr(portal) + _I32.pack(max_rows))
+
+
+def encode_close(kind: str, name: str) -> bytes:
+    return _msg(b"C", kind.encode() + _cstr(name))
+
+
 def encode_describe(kind: str, name: str) -> bytes:
     return _msg(b"D", kind.encode() + _cstr(name))
 

@@ -26,19 +26,13 @@ import secrets
 import struct
 
 from dbguard.audit.row_evidence import MARKER_PREFIX, marker_content
+from dbguard.pgwire import messages as m
+from dbguard.pgwire.errors import RemoteProtocolError
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
-_SQL = f"SELECT $2::text FROM pg_logical_emit_message(true, '{MARKER_PREFIX}', $1::text)".encode()
+_SQL = f"SELECT $2::text FROM pg_logical_emit_message(true, '{MARKER_PREFIX}', $1::text)"
 _AFTER_ROW = (0x43, 0x33, 0x33)  # CommandComplete, CloseComplete (portal), CloseComplete (statement)
-
-
-def _msg(code: bytes, payload: bytes) -> bytes:
-    return code + _I32.pack(len(payload) + 4) + payload
-
-
-def _cstr(text: str) -> bytes:
-    return text.encode() + b"\x00"
 
 
 class _Marker:
@@ -88,13 +82,11 @@ class RowMarks:
         self.sent += 1
         tag = f"{self._secret}:{self._n}".encode()
         content = marker_content(self.chain, self.session, stmt, self._key)
-        name = _cstr(f"{self._name}_{self._n}")
+        name = f"{self._name}_{self._n}"
         row = _I16.pack(1) + _I32.pack(len(tag)) + tag
         self._inflight.append(_Marker(row, sync_no, before_query, self._client_pb.get(sync_no, 0)))
-        bind = (name + name + _I16.pack(0) + _I16.pack(2) + _I32.pack(len(content)) + content
-                + _I32.pack(len(tag)) + tag + _I16.pack(0))
-        return (_msg(b"P", name + _SQL + b"\x00" + _I16.pack(0)) + _msg(b"B", bind)
-                + _msg(b"E", name + _I32.pack(0)) + _msg(b"C", b"P" + name) + _msg(b"C", b"S" + name))
+        return (m.encode_parse(name, _SQL) + m.encode_bind(statement=name, portal=name, params=(content, tag))
+                + m.encode_execute(name) + m.encode_close("P", name) + m.encode_close("S", name))
 
     def feed(self, type_code: int, payload: bytes) -> bool:
         """Whether the server's message answers a marker (then it must not reach the client)."""
@@ -116,7 +108,7 @@ class RowMarks:
             return False
         if type_code == 0x44 and head is not None and head.ours_seen == 2:
             if payload != head.row:  # cannot happen: the server answers in order
-                raise AssertionError("row marker answered out of order")
+                raise RemoteProtocolError("the server answered a row marker out of order")
             self._inflight.popleft()
             self._swallow = list(_AFTER_ROW)
             return True

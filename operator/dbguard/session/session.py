@@ -844,9 +844,7 @@ class ClientSession(asyncio.Protocol):
         self.completions.expect(Pending(stmt, self._syncs_sent + 1, False, deferred, portal=msg.portal))
         if self._rowmarks is not None:
             if self._wants_mark(portal[0]):
-                self._out += self._rowmarks.mark(stmt, self._syncs_sent + 1, before_query=False)
-                self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
-                self._mark_rt = self._syncs_sent + 1
+                self._send_mark(stmt, self._syncs_sent + 1, before_query=False)
                 self._batch_mark = True
             if any(f.kind == "TransactionStmt" for f in portal[0]):
                 self._batch_mark = False  # COMMIT / ROLLBACK / BEGIN: perhaps another transaction from here
@@ -933,7 +931,7 @@ class ClientSession(asyncio.Protocol):
             self._out += msg.raw
             return None
         now = datetime.datetime.now(datetime.UTC)
-        if self._rowmarks is not None and self._rfq_seen < self._syncs_sent and not all(map(read_only, statements)):
+        if self._rowmarks is not None and self._rfq_seen < self._syncs_sent and any(map(_may_write, statements)):
             # A write's marker goes just before its Query, and if the marker fails the server skips
             # everything up to a Sync: with earlier Queries still unanswered, wait for them first.
             return self._run_async(self._query_slow(msg, statements, normalized, now, sql, wait_idle=True))
@@ -941,6 +939,13 @@ class ClientSession(asyncio.Protocol):
         if verdict is None or (verdict.refusal is not None and self._approval_for(verdict) is not None):
             return self._run_async(self._query_slow(msg, statements, normalized, now, sql))
         return self._apply_query(msg, verdict, normalized, now)
+
+    def _send_mark(self, stmt: int, sync_no: int, *, before_query: bool) -> None:
+        """A row-evidence marker for statement ``stmt`` goes upstream just before it."""
+        assert self._rowmarks is not None
+        self._out += self._rowmarks.mark(stmt, sync_no, before_query=before_query)
+        self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
+        self._mark_rt = sync_no
 
     async def _until_idle(self) -> None:
         """Until the server has answered every round trip sent so far."""
@@ -1016,9 +1021,7 @@ class ClientSession(asyncio.Protocol):
         self._approval_ran(stmt)
         self.completions.expect(Pending(stmt, self._syncs_sent, True, deferred))
         if self._rowmarks is not None and self._wants_mark(verdict.statements, counted=1):
-            self._out += self._rowmarks.mark(stmt, self._syncs_sent, before_query=True)
-            self.relay.watch_also(b"DN", for_now=True)  # its DataRow, its notices
-            self._mark_rt = self._syncs_sent
+            self._send_mark(stmt, self._syncs_sent, before_query=True)
         self._out += msg.raw
         return None
 
@@ -1373,6 +1376,7 @@ _NO_ROWS = frozenset({"VariableSetStmt", "VariableShowStmt", "TransactionStmt", 
 
 def _may_write(f: F.StatementFacts) -> bool:
     return not read_only(f) and f.kind not in _NO_ROWS
+
 
 _DISPATCH = {
     m.Query: ClientSession._on_query,
