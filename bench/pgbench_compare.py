@@ -5,8 +5,15 @@ dbguard runs three ways: without a ledger, with the embedded SQLite ledger, and 
 PostgreSQL ledger sink (a separate database on the same server); all with signed checkpoints and
 no JSON-lines output, so the difference is the ledger. Prints tps, mean latency, the ratio to
 direct, to PgBouncer and to dbguard without a ledger, and dbguard's CPU microseconds per statement
-(from its process CPU time). Everything listens on loopback; the run is bounded by --duration per
-cell. Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16] [--workloads select]
+(its process CPU time; the ledger's writer process is shown after a +). Everything listens on
+loopback; the run is bounded by --duration per cell.
+
+With --rounds N every workload runs N rounds, each round every path once, one after the other:
+the table shows the median tps and the median of the per-round ratios, which pair runs made
+within seconds of each other (single runs on a shared machine swing by 5-10%), and a line per
+ledger path lists each round's ratio.
+
+Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16] [--workloads select] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import pathlib
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +45,15 @@ WORKLOADS = [  # name, pgbench args, statements per transaction
 def cpu_seconds(pid: int) -> float:
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def writer_cpu_seconds(pid: int) -> float:
+    """CPU time of the proxy's ledger writer process (its child), 0 without one."""
+    total = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in pathlib.Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            total += cpu_seconds(int(child))
+    return total
 
 
 def pgbench(port: int, user: str, password: str, args: list[str], duration: int, clients: int) -> tuple[float, float, int]:
@@ -97,6 +114,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="all", choices=("all", "select"),
                     help="all three workloads, or only the two select-only ones")
     ap.add_argument("--no-ledger", action="store_true", help="skip the dbguard-with-ledger rows")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds per workload, every path once per round; medians are shown (default 1)")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="dbguard-bench-"))
     pg = start_postgres(tmp / "pg")
@@ -130,18 +149,40 @@ def main() -> int:
         print("-" * len(header))
         workloads = WORKLOADS if args.workloads == "all" else [w for w in WORKLOADS if "select" in w[0]]
         for name, wargs, stmts in workloads:
-            results = {}
-            for label, port, user, password, pid in targets:
-                cpu0 = cpu_seconds(pid) if pid else 0.0
-                tps, lat, txns = pgbench(port, user, password, wargs, args.duration, args.clients)
-                cpu = (cpu_seconds(pid) - cpu0) / (txns * stmts) * 1e6 if pid else None
-                results[label] = tps
-                ratio_d = tps / results["direct"]
-                ratio_b = tps / results["pgbouncer"] if "pgbouncer" in results else float("nan")
-                ratio_g = tps / results["dbguard"] if "dbguard" in results else float("nan")
-                print(f"{name:<22} {label:<10} {tps:>9.0f} {lat:>7.2f} {ratio_d:>8.2f} {ratio_b:>10.2f} "
-                      f"{ratio_g:>8.2f} {cpu if cpu is not None else float('nan'):>11.1f}", flush=True)
-                time.sleep(1)
+            tps_of: dict[str, list[float]] = {label: [] for label, *_ in targets}
+            lat_of: dict[str, list[float]] = {label: [] for label, *_ in targets}
+            cpu_of: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
+            for _ in range(args.rounds):
+                for label, port, user, password, pid in targets:
+                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    writer0 = writer_cpu_seconds(pid) if pid else 0.0
+                    tps, lat, txns = pgbench(port, user, password, wargs, args.duration, args.clients)
+                    if pid:
+                        cpu_of[label].append(((cpu_seconds(pid) - cpu0) / (txns * stmts) * 1e6,
+                                              (writer_cpu_seconds(pid) - writer0) / (txns * stmts) * 1e6))
+                    tps_of[label].append(tps)
+                    lat_of[label].append(lat)
+                    time.sleep(1)
+
+            def ratio(label: str, base: str, tps_of: dict[str, list[float]] = tps_of) -> float:
+                return statistics.median(a / b for a, b in zip(tps_of[label], tps_of[base], strict=True))
+
+            for label, *_ in targets:
+                cpus = cpu_of[label]
+                cpu = f"{statistics.median(c for c, _ in cpus):.1f}" if cpus else "nan"
+                writer = statistics.median(w for _, w in cpus) if cpus else 0.0
+                cpu += f"+{writer:.1f}" if writer else ""
+                guard = ratio(label, "dbguard") if "dbguard" in tps_of and label.startswith(("dbguard", "+")) \
+                    else float("nan")
+                print(f"{name:<22} {label:<10} {statistics.median(tps_of[label]):>9.0f} "
+                      f"{statistics.median(lat_of[label]):>7.2f} {ratio(label, 'direct'):>8.2f} "
+                      f"{ratio(label, 'pgbouncer') if label != 'direct' else float('nan'):>10.2f} "
+                      f"{guard:>8.2f} {cpu:>11}", flush=True)
+            if args.rounds > 1:
+                for label, *_ in targets:
+                    if label.startswith("+"):
+                        rounds = " ".join(f"{a / b:.2f}" for a, b in zip(tps_of[label], tps_of["dbguard"], strict=True))
+                        print(f"{'':<22} {label:<10} per round /dbguard: {rounds}")
         return 0
     finally:
         for p in procs:

@@ -130,6 +130,9 @@ class ProxyCollector(Collector):
                                     value=ledger.queued())
             yield GaugeMetricFamily("dbguard_ledger_up", "1 when the last ledger commit succeeded",
                                     value=0 if ledger.last_failed else 1)
+            yield CounterMetricFamily("dbguard_ledger_writer_restarts",
+                                      "times the ledger's writer process died and was started again",
+                                      value=getattr(ledger, "restarts", 0))
             yield ledger.commit_latency.family("dbguard_ledger_commit_seconds",
                                                "time to commit one batch of ledger entries")
         rows = getattr(proxy, "row_evidence", None)

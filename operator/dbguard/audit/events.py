@@ -6,8 +6,10 @@ short timer (and at shutdown) so emitting costs a few microseconds on the statem
 
 from __future__ import annotations
 
+import collections
 import datetime
 import enum
+import itertools
 import sys
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +34,10 @@ class EventKind(str, enum.Enum):
 
 
 _second_cache: tuple[int, str] = (0, "")
+_shape_numbers = itertools.count(1)
+# Numbers of shapes a ledger writer process was told about and that no read will name again: the
+# ledger process drains this and tells its writer to forget them (audit.ledger_process).
+RELEASED_SHAPES: collections.deque[int] = collections.deque()
 
 
 class ReadShape:
@@ -41,15 +47,22 @@ class ReadShape:
     statement's (protocol, statement, statements, decisions, outcome...), both ``"key":value``
     bytes without braces. A read's entry is ``time``, ``kind``, ``head``, its ``stmt``, ``body``
     and its ``completion``: the session keeps one ReadShape per shape, so a repeated read costs
-    the ledger a reference, and a block of reads stores each shape once (see audit.writer).
+    the ledger a reference, and a block of reads stores each shape once (see audit.writer). The
+    ledger's writer process learns a shape once, by its ``wire`` number (audit.ledger_process).
     """
 
-    __slots__ = ("body", "head", "touches")
+    __slots__ = ("body", "head", "sent", "touches", "wire")
 
-    def __init__(self, head: bytes, body: bytes) -> None:
+    def __init__(self, head: bytes, body: bytes, wire: int = 0) -> None:
         self.head = head
         self.body = body
         self.touches: list[tuple[str, str, str, str]] | None = None  # the search index's rows, made by the writer
+        self.wire = wire or next(_shape_numbers)  # its number between the proxy and the writer process
+        self.sent = 0  # the writer process (its generation) that knows this shape; 0: none
+
+    def __del__(self) -> None:
+        if self.sent:
+            RELEASED_SHAPES.append(self.wire)
 
     def line(self, now: datetime.datetime, stmt: int, completion: bytes) -> bytes:
         """The read's entry as one JSON object: the same bytes a decision event has."""

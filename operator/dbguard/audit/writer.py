@@ -265,7 +265,7 @@ class LedgerWriter:
         chains reads in blocks that store each shape once: the event loop neither builds nor
         serializes the read's entry, and queues the object itself (no tuple to allocate)."""
         self._items.append(completion)
-        if len(self._items) >= BATCH_MAX:
+        if len(self._items) >= BATCH_MAX and not self._wake.is_set():  # set() takes a lock: once per batch
             self._wake.set()
 
     def queued(self) -> int:

@@ -8,10 +8,8 @@ import socket
 import sqlite3
 from typing import TYPE_CHECKING
 
-import psycopg
-
 from dbguard.audit.events import EventSink
-from dbguard.audit.writer import LedgerWriter
+from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
 from dbguard.config import ProxySettings
 from dbguard.errors import ConfigError
 from dbguard.identity import configure as identity_configure
@@ -44,11 +42,14 @@ def build_decider(settings: ProxySettings, policies: list[Policy]):  # noqa: ANN
     return decider.Decider(bundle, engine, timeout_s=settings.limits.policy_timeout)
 
 
-def build_ledger(settings: ProxySettings) -> LedgerWriter | None:
+def build_ledger(settings: ProxySettings) -> LedgerProcess | None:
+    """The ledger's writer process over SQLite or the PostgreSQL sink (audit.ledger_process)."""
     if not settings.ledger.path:
         return None
+    from cryptography.hazmat.primitives import serialization
+
     from dbguard.audit import cli as audit_cli
-    from dbguard.audit import postgres_sink, sqlite_sink
+    from dbguard.audit import postgres_sink
 
     key = None
     if settings.ledger.signing_key:
@@ -57,16 +58,16 @@ def build_ledger(settings: ProxySettings) -> LedgerWriter | None:
         except (OSError, ValueError, SystemExit) as exc:
             raise ConfigError(f"--ledger-signing-key: {exc}") from exc
     chain = settings.ledger.chain or f"{socket.gethostname()}:{settings.listen.port}"
-    if postgres_sink.is_postgres_url(settings.ledger.path):
-        try:
-            return postgres_sink.PostgresLedger(settings.ledger.path, chain, signing_key=key)
-        except psycopg.Error as exc:
-            raise ConfigError(f"--ledger: the PostgreSQL sink is unusable: {exc}") from exc
+    postgres = postgres_sink.is_postgres_url(settings.ledger.path)
+    config = {"store": "postgres" if postgres else "sqlite", "target": settings.ledger.path, "chain": chain,
+              "synchronous": settings.ledger.synchronous,
+              "key": key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                       serialization.NoEncryption()).hex() if key is not None else None}
     try:
-        return sqlite_sink.SqliteLedger(settings.ledger.path, chain, signing_key=key,
-                                        synchronous=settings.ledger.synchronous)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"--ledger {settings.ledger.path}: {exc}") from exc
+        return LedgerProcess(config, name=f"postgresql sink ({chain})" if postgres else settings.ledger.path)
+    except (LedgerStartError, OSError) as exc:
+        where = ": the PostgreSQL sink is unusable" if postgres else f" {settings.ledger.path}"
+        raise ConfigError(f"--ledger{where}: {exc}") from exc
 
 
 def build_masking(settings: ProxySettings, policies: list[Policy]) -> MaskGuard | None:

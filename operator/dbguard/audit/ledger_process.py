@@ -1,0 +1,622 @@
+"""The ledger writer in a process of its own, fed by the proxy over a pipe.
+
+Why a process: the writer's Python work (formatting blocks of reads, hashing, SQLite or the
+PostgreSQL sink) in a thread of the proxy shares the proxy's GIL, and every batch it formats
+stalls the event loop that relays all sessions. In its own process it runs beside the loop. The
+proxy's side (``LedgerProcess``) has the interface of ``writer.LedgerWriter``: a read costs the
+event loop one ``struct.pack`` into a buffer written to the pipe every ``READ_LINGER`` seconds; a
+durable entry is written at once and its future resolves when the writer acknowledges its commit.
+
+What happens when something dies:
+
+- the proxy (kill -9): the writer reads end of file, commits what the pipe held, signs the tail
+  and exits. Reads still in the proxy's buffer (at most ``READ_LINGER`` of them) are lost with it;
+  no durable entry is, because its client was never answered before the acknowledgement.
+- the writer: every unacknowledged durable entry is refused (the statement gets 58030), the
+  writer is started again and continues the chain from what is stored; entries it had not
+  committed are counted in ``dropped``. Until it runs again durable statements are refused.
+- the proxy restarts while its old writer still drains: the writer holds a lock per chain
+  (SQLite: a byte-range lock on ``FILE-writers``; PostgreSQL: an advisory lock), so the new writer
+  waits for the old one instead of forking the chain; after ``LOCK_WAIT`` it gives up and the
+  proxy does not start (two proxies configured with one ``--ledger-chain``).
+
+Run as ``python -m dbguard.audit.ledger_process``: the configuration (with the signing key) comes
+as the first frame on standard input, never on the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from dbguard.audit import events
+from dbguard.audit import ledger_wire as wire
+from dbguard.audit.writer import READ_LINGER, LedgerUnavailable, Waiter, _resolve
+from dbguard.metrics import LEDGER_BUCKETS, Buckets
+
+log = logging.getLogger("dbguard.ledger")
+
+FLUSH_AT = 64 * 1024  # bytes of frames that are written at once, without waiting for READ_LINGER
+READ_BATCH = 1000  # reads packed and written at once, without waiting for READ_LINGER
+BUFFER_MAX = 32 * 1024 * 1024  # beyond this the writer is stuck: further reads are dropped (counted)
+PIPE_SIZE = 1024 * 1024
+LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
+START_TIMEOUT = LOCK_WAIT + 30.0
+STATS_EVERY = 0.1
+
+
+class LedgerStartError(Exception):
+    """The writer process could not open the store or take its chain's lock."""
+
+
+class LedgerProcess:
+    """The proxy's side: frames to the writer process, acknowledgements back (a reader thread)."""
+
+    def __init__(self, config: dict[str, Any], *, name: str) -> None:
+        self.name = name
+        self._config = config
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._reads: list[events.Completion] = []  # reads not yet packed into the buffer
+        self._gen = 0  # which writer process: shapes are sent again to a new one
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1  # the pipe to the writer, non-blocking; -1 while no writer runs
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose add_writer drains a full pipe
+        self._draining = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: dict[int, Waiter] = {}
+        self._next_request = 1
+        self._sent = 0  # entries and reads handed to this generation
+        self._closing = False
+        self._child: dict[str, Any] = {}  # the current writer's counters (its STATS frames)
+        self._base = {"committed": 0, "failures": 0, "dropped": 0}  # counters of earlier writers
+        self._latency_base = Buckets(LEDGER_BUCKETS)
+        self.restarts = 0
+        self._down_error = ""
+        self._start()
+        self._reader = threading.Thread(target=self._read_acks, name="dbguard-ledger-acks", daemon=True)
+        self._reader.start()
+
+    # -- counters (the same names as writer.LedgerWriter's; metrics reads them) --------------------
+
+    @property
+    def committed(self) -> int:
+        return self._base["committed"] + self._child.get("committed", 0)
+
+    @property
+    def failures(self) -> int:
+        return self._base["failures"] + self._child.get("failures", 0)
+
+    @property
+    def dropped(self) -> int:
+        return self._base["dropped"] + self._child.get("dropped", 0)
+
+    @property
+    def last_failed(self) -> bool:
+        return self._fd < 0 or bool(self._child.get("last_failed"))
+
+    @property
+    def last_error(self) -> str:
+        return self._down_error if self._fd < 0 else self._child.get("last_error", "")
+
+    @property
+    def commit_latency(self) -> Buckets:
+        out = Buckets(LEDGER_BUCKETS)
+        latency = self._child.get("latency") or {}
+        counts = latency.get("counts") or [0] * len(out.counts)
+        out.counts = [a + b for a, b in zip(self._latency_base.counts, counts, strict=True)]
+        out.total = self._latency_base.total + latency.get("total", 0.0)
+        out.count = self._latency_base.count + latency.get("count", 0)
+        return out
+
+    def queued(self) -> int:
+        """Entries not yet committed: in this buffer, in the pipe and in the writer."""
+        return (len(self._reads) + max(0, self._sent - self._child.get("received", 0))
+                + self._child.get("queued", 0))
+
+    # -- the writer process -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start a writer and wait until it holds its chain's lock and the store is open."""
+        proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, close_fds=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            config = dict(self._config, log_level=logging.getLogger().getEffectiveLevel())
+            proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps(config)))
+            proc.stdin.flush()
+            reader, deadline = wire.FrameReader(), time.monotonic() + START_TIMEOUT
+            while True:
+                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                data = os.read(proc.stdout.fileno(), 65536) if ready else b""
+                if not data:
+                    raise LedgerStartError("the ledger writer process exited while starting (see its log above)"
+                                           if ready else f"the ledger writer did not start within {START_TIMEOUT:.0f} s")
+                frames = list(reader.feed(data))
+                if frames:
+                    break
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        kind, payload = frames[0]
+        if kind != wire.READY:
+            proc.wait()
+            raise LedgerStartError(orjson.loads(payload).get("message", "the ledger writer failed")
+                                   if kind == wire.FAILED else "the ledger writer answered nonsense")
+        fd = proc.stdin.fileno()
+        with contextlib.suppress(OSError):  # F_SETPIPE_SZ: a larger pipe rides out a slow commit
+            fcntl.fcntl(fd, 1031, PIPE_SIZE)
+        os.set_blocking(fd, False)
+        with self._lock:
+            self._gen += 1
+            self._proc, self._fd, self._child = proc, fd, {}
+        self._flush()  # what queued while no writer ran
+
+    def _read_acks(self) -> None:
+        """The reader thread: settles durable entries as the writer acknowledges them, keeps its
+        counters, and starts a new writer when one dies."""
+        while True:
+            proc = self._proc
+            assert proc is not None and proc.stdout is not None
+            reader = wire.FrameReader()
+            while True:
+                try:
+                    data = os.read(proc.stdout.fileno(), 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                settled: list[tuple[Waiter, int | None, str]] = []
+                for kind, payload in reader.feed(data):
+                    if kind == wire.ACK:
+                        request, seq = wire.ACK_BODY.unpack_from(payload)
+                        with self._lock:
+                            future = self._waiting.pop(request, None)
+                        if future is not None:
+                            settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
+                    elif kind == wire.STATS:
+                        self._child = orjson.loads(payload)
+                _settle(settled)
+            proc.wait()
+            if self._closing:
+                return
+            self._writer_died(proc)
+            if self._closing:
+                return
+
+    def _writer_died(self, proc: subprocess.Popen[bytes]) -> None:
+        why = f"the ledger writer process exited with status {proc.returncode}"
+        log.error("ledger %s: %s; statements that must be recorded are refused until it runs again", self.name, why)
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+            child = self._child
+            lost = max(0, self._sent - child.get("received", 0)) + child.get("queued", 0)
+            for key in self._base:
+                self._base[key] += child.get(key, 0)
+            self._base["dropped"] += lost
+            latency = child.get("latency") or {}
+            if latency:
+                base = self._latency_base
+                base.counts = [a + b for a, b in zip(base.counts, latency["counts"], strict=True)]
+                base.total += latency["total"]
+                base.count += latency["count"]
+            self._child, self._sent = {}, 0
+            self._retire(self._fd)
+            self._fd = -1
+            self._down_error = why
+            self._buf.clear()  # it names shapes the dead writer knew (counted in ``lost``)
+            self._gen += 1
+        if lost:
+            log.error("ledger %s: %d entries the writer had not committed were lost with it", self.name, lost)
+        _resolve([(f, None) for f in waiting.values()], LedgerUnavailable(why))
+        delay = 0.2
+        while not self._closing:
+            self.restarts += 1
+            try:
+                self._start()
+            except (LedgerStartError, OSError) as exc:
+                self._down_error = f"{why}; starting a new writer failed: {exc}"
+                log.error("ledger %s: starting a new writer failed: %s; trying again in %.1f s", self.name, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.warning("ledger %s: a new writer process runs; the chain continues", self.name)
+            return
+
+    def _retire(self, fd: int) -> None:
+        """Close a dead writer's pipe (on the loop when the loop still watches it)."""
+        if fd < 0:
+            return
+        if self._draining and self._loop is not None:
+            self._draining = False
+            loop = self._loop
+
+            def retire() -> None:
+                loop.remove_writer(fd)
+                os.close(fd)
+
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(retire)
+                return
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    # -- producer side (event loop) -----------------------------------------------------------------
+
+    def append(self, data: bytes, *, durable: bool = False, block: bool = False) -> Waiter | None:
+        """Queue an entry; a durable one returns what resolves once it is committed (an asyncio
+        future on an event loop, else a concurrent one)."""
+        future: Waiter | None = None
+        request = 0
+        if durable:
+            try:
+                future = asyncio.get_running_loop().create_future()
+            except RuntimeError:
+                future = concurrent.futures.Future()
+        with self._lock:
+            if durable:
+                if self._fd < 0 or self._closing:
+                    _resolve([(future, None)], LedgerUnavailable(self._down_error or "the ledger is closed"))
+                    return future
+                request = self._next_request
+                self._next_request += 1
+                self._waiting[request] = future  # type: ignore[assignment]
+            if self._reads:
+                self._pack_reads()  # the chain keeps the order things happened in
+            self._buf += wire.entry(request, block, data)
+            self._sent += 1
+        if durable or len(self._buf) >= FLUSH_AT:
+            self._flush()
+        elif self._timer is None:
+            self._arm()
+        return future
+
+    def append_read(self, completion: events.Completion) -> None:
+        """Queue a read (never durable): the completion itself, packed with the others of its
+        batch at the next flush (one tight loop per batch costs the event loop less than packing
+        each read as it finishes)."""
+        reads = self._reads
+        reads.append(completion)
+        if len(reads) >= READ_BATCH:
+            self._flush()
+        elif self._timer is None:
+            self._arm()
+
+    def _pack_reads(self) -> None:
+        """Pack the queued reads into the buffer (lock held): each names its shape by number, and
+        a shape's text goes to this writer once."""
+        reads, self._reads = self._reads, []
+        buf, gen = self._buf, self._gen
+        if len(buf) > BUFFER_MAX:
+            self._base["dropped"] += len(reads)
+            return
+        pack, pack_json = wire.READ_HEAD.pack, wire.READ_JSON_HEAD.pack
+        read, read_json, fixed, fixed_json = wire.READ, wire.READ_JSON, wire.READ_BODY.size, wire.READ_JSON_BODY.size
+        for completion in reads:
+            when, shape = completion.deferred  # type: ignore[misc]
+            if shape.sent != gen:
+                buf += wire.shape(shape.wire, shape.head, shape.body)
+                shape.sent = gen
+            done = completion.compact()
+            if done is not None:
+                tag = done[2].encode()
+                buf += pack(read, fixed + len(tag), shape.wire, when.timestamp(), done[0], done[1])
+                buf += tag
+            else:
+                data = completion.json()
+                buf += pack_json(read_json, fixed_json + len(data), shape.wire, when.timestamp(), completion.stmt)
+                buf += data
+        self._sent += len(reads)
+
+    def _arm(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: write now
+            self._flush()
+            return
+        self._timer = loop.call_later(READ_LINGER, self._flush)
+
+    def _flush(self) -> None:
+        """Write what the pipe takes; on an event loop the rest is written when it drains."""
+        with self._lock:
+            self._timer = None
+            if self._reads:
+                self._pack_reads()
+            released = events.RELEASED_SHAPES
+            while released:
+                self._buf += wire.forget(released.popleft())
+            if self._fd < 0 or not self._buf:
+                return
+            try:
+                written = os.write(self._fd, self._buf)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the writer died: the reader thread starts a new one
+                return
+            del self._buf[:written]
+            if self._buf and not self._draining:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self._write_all(time.monotonic() + 10.0)
+                    return
+                self._loop, self._draining = loop, True
+                loop.add_writer(self._fd, self._flush)
+            elif not self._buf and self._draining and self._loop is not None:
+                self._draining = False
+                self._loop.remove_writer(self._fd)
+
+    def _write_all(self, deadline: float) -> None:
+        """Off the event loop (closing, tests): wait until the pipe took the buffer (lock held)."""
+        while self._buf and self._fd >= 0 and time.monotonic() < deadline:
+            select.select([], [self._fd], [], max(0.0, deadline - time.monotonic()))
+            try:
+                del self._buf[:os.write(self._fd, self._buf)]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Hand over everything, let the writer commit and sign it, and wait for it to exit."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._fd >= 0:
+                if self._reads:
+                    self._pack_reads()
+                self._buf += wire.frame(wire.QUIT, b"")
+                self._write_all(deadline)
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("ledger %s: the writer did not finish within %.0f s; %d entries not yet committed",
+                          self.name, timeout, self.queued())
+                return
+        self._reader.join(max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+            self._retire(self._fd)
+            self._fd = -1
+            self._down_error = "the ledger is closed"
+        _resolve([(f, None) for f in waiting.values()], LedgerUnavailable("the ledger closed before the commit"))
+
+
+def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:
+    ok = [(f, seq) for f, seq, error in settled if seq]
+    failed: dict[str, list[tuple[Waiter, int | None]]] = {}
+    for f, seq, error in settled:
+        if not seq:
+            failed.setdefault(error, []).append((f, None))
+    if ok:
+        _resolve(ok, None)
+    for error, futures in failed.items():
+        _resolve(futures, LedgerUnavailable(error))
+
+
+# -- the writer process ------------------------------------------------------------------------------
+
+
+class Read:
+    """A read as the writer's blocks take it (the events.Completion protocol)."""
+
+    __slots__ = ("_compact", "_json", "deferred", "stmt")
+
+    def __init__(self, stmt: int, deferred: tuple[Any, events.ReadShape], compact: tuple[int, int, str] | None,
+                 json: bytes = b"") -> None:
+        self.stmt, self.deferred, self._compact, self._json = stmt, deferred, compact, json
+
+    def compact(self) -> tuple[int, int, str] | None:
+        return self._compact
+
+    def json(self) -> bytes:
+        if self._compact is None:
+            return self._json
+        stmt, duration, tag = self._compact
+        last = tag.rpartition(" ")[2]
+        return orjson.dumps({"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
+                             "rows": int(last) if last.isdigit() else 0, "status": "ok"})
+
+
+def _chain_lock(config: dict[str, Any]) -> object:
+    """Hold the chain's writer lock for this process's life (see the module's docstring)."""
+    chain, target = config["chain"], config["target"]
+    digest = int.from_bytes(hashlib.sha256(chain.encode()).digest()[:8], "big")
+    deadline, waited = time.monotonic() + config.get("lock_wait", LOCK_WAIT), False
+    if config["store"] == "postgres":
+        import psycopg
+
+        conn = psycopg.connect(target, autocommit=True, connect_timeout=5, application_name="dbguard-ledger-lock")
+        key = digest - (1 << 63)  # a signed bigint
+        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                conn.close()
+                raise LedgerStartError(f"ledger chain {chain!r} is being written by another process (another proxy "
+                                       "with the same --ledger-chain, or a previous writer that did not finish)")
+            if not waited:
+                log.warning("ledger: waiting for the previous writer of chain %r to finish", chain)
+                waited = True
+            time.sleep(0.1)
+        return conn
+    fd = os.open(target + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    offset = digest >> 2  # a byte of the file per chain: fcntl locks are released when the process dies
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            return fd
+        except OSError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise LedgerStartError(f"ledger chain {chain!r} in {target} is being written by another process "
+                                       "(another proxy with the same --ledger-chain, or a previous writer that "
+                                       "did not finish)") from None
+            if not waited:
+                log.warning("ledger: waiting for the previous writer of chain %r to finish", chain)
+                waited = True
+            time.sleep(0.1)
+
+
+def _open_writer(config: dict[str, Any]) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(config["key"])) if config.get("key") else None
+    if config["store"] == "postgres":
+        from dbguard.audit import postgres_sink
+
+        return postgres_sink.PostgresLedger(config["target"], config["chain"], signing_key=key,
+                                            checkpoint_every=config.get("checkpoint_every", 1000))
+    from dbguard.audit import sqlite_sink
+
+    return sqlite_sink.SqliteLedger(config["target"], config["chain"], signing_key=key,
+                                    checkpoint_every=config.get("checkpoint_every", 1000),
+                                    synchronous=config.get("synchronous", "NORMAL"))
+
+
+def serve(inp: int = 0, out: int = 1) -> int:
+    """The writer process: frames from ``inp`` into a LedgerWriter, acknowledgements to ``out``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops when the proxy says so, or when the proxy is gone
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out_lock = threading.Lock()
+
+    def send(data: bytes) -> None:
+        with out_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+
+    reader = wire.FrameReader()
+    config: dict[str, Any] | None = None
+    pending: list[tuple[bytes, bytes]] = []
+    while config is None:
+        data = os.read(inp, 65536)
+        if not data:
+            return 1
+        for kind, payload in reader.feed(data):
+            if config is None and kind == wire.CONFIG:
+                config = orjson.loads(payload)
+            else:
+                pending.append((kind, payload))
+    logging.basicConfig(level=config.get("log_level", logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s (writer): %(message)s")
+    try:
+        lock = _chain_lock(config)
+        writer = _open_writer(config)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the store from opening is the start's error
+        message = str(exc) if isinstance(exc, LedgerStartError) else f"{type(exc).__name__}: {exc}"
+        send(wire.frame(wire.FAILED, orjson.dumps({"message": message})))
+        return 1
+    send(wire.frame(wire.READY, b""))
+    shapes: dict[int, events.ReadShape] = {}
+    received = 0
+    unknown = 0
+
+    def acked(request: int, future: concurrent.futures.Future) -> None:
+        error = future.exception()
+        # the counters with it: whoever the acknowledgement answers may look at the metrics next
+        send((wire.ack(request, 0, str(error)) if error is not None else wire.ack(request, future.result()))
+             + stats())
+
+    def stats() -> bytes:
+        latency = writer.commit_latency
+        return wire.frame(wire.STATS, orjson.dumps({
+            "committed": writer.committed, "failures": writer.failures, "dropped": writer.dropped + unknown,
+            "last_failed": writer.last_failed, "last_error": writer.last_error, "received": received,
+            "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
+                                                    "count": latency.count}}))
+
+    append_read, fromtimestamp, utc = writer.append_read, datetime.datetime.fromtimestamp, datetime.UTC
+    quit_ = False
+
+    def read(number: int, when: float, stmt: int, duration: int, tag: str) -> None:
+        nonlocal received
+        received += 1
+        shape = shapes.get(number)
+        if shape is None:
+            return unknown_shape(number)
+        append_read(Read(stmt, (fromtimestamp(when, utc), shape), (stmt, duration, tag)))
+
+    def unknown_shape(number: int) -> None:  # cannot happen unless the proxy is wrong: counted, never invented
+        nonlocal unknown
+        unknown += 1
+        log.error("ledger: a read names shape %d, which this writer was not told about; not recorded", number)
+
+    def handle(kind: bytes, payload: bytes) -> None:
+        nonlocal received, quit_
+        if kind == wire.READ:  # (feed_reads passes reads to read() directly)
+            read(*wire.READ_BODY.unpack_from(payload), payload[wire.READ_BODY.size:].decode())
+        elif kind == wire.READ_JSON:
+            received += 1
+            number, when, stmt = wire.READ_JSON_BODY.unpack_from(payload)
+            shape = shapes.get(number)
+            if shape is None:
+                return unknown_shape(number)
+            writer.append_read(Read(stmt, (fromtimestamp(when, utc), shape), None,
+                                    payload[wire.READ_JSON_BODY.size:]))
+        elif kind == wire.SHAPE:
+            number, head_len = wire.SHAPE_BODY.unpack_from(payload)
+            rest = payload[wire.SHAPE_BODY.size:]
+            shapes[number] = events.ReadShape(rest[:head_len], rest[head_len:], wire=number)
+        elif kind == wire.ENTRY:
+            received += 1
+            request, block = wire.ENTRY_BODY.unpack_from(payload)
+            future = writer.append(payload[wire.ENTRY_BODY.size:], durable=request != 0, block=bool(block))
+            if future is not None:
+                future.add_done_callback(lambda f, r=request: acked(r, f))  # type: ignore[union-attr]
+        elif kind == wire.FORGET:
+            shapes.pop(wire.U64.unpack(payload)[0], None)
+        elif kind == wire.QUIT:
+            quit_ = True
+        else:
+            raise wire.CorruptStream(f"unknown frame type {kind!r}")
+
+    for kind, payload in pending:
+        handle(kind, payload)
+    last_stats, last_report = 0.0, b""
+    try:
+        while not quit_:
+            ready, _, _ = select.select([inp], [], [], STATS_EVERY)
+            if ready:
+                data = os.read(inp, 1 << 20)
+                if not data:
+                    log.warning("ledger: the proxy is gone; committing what it sent")
+                    break
+                reader.feed_reads(data, read, handle)
+            now = time.monotonic()
+            if now - last_stats >= STATS_EVERY:
+                report = stats()
+                if report != last_report:  # an idle writer stays quiet
+                    send(report)
+                    last_report = report
+                last_stats = now
+    except wire.CorruptStream as exc:
+        log.error("ledger: the stream from the proxy is corrupt (%s); committing what came before it", exc)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            send(stats())
+        del lock
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

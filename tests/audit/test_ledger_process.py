@@ -1,0 +1,133 @@
+"""The ledger's writer process: killed under traffic, orphaned by a killed proxy, and one per chain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import psycopg
+import pytest
+
+from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
+from tests.audit.conftest import audit, ledger_proxy
+from tests.audit.test_ledger_e2e import metrics
+from tests.fix_postgres import Postgres, free_port, wait_until
+
+
+def writer_pid(proxy_pid: int) -> int:
+    """The proxy's ledger writer: its child running dbguard.audit.ledger_process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == proxy_pid and b"dbguard.audit.ledger_process" in cmdline:
+            return int(entry)
+    raise AssertionError(f"proxy {proxy_pid} has no ledger writer process")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_writer_refuses_writes_until_a_new_one_continues_the_chain(pg: Postgres, tmp_path, keys):
+    priv, pub = keys
+    port = free_port()
+    proxy, db = ledger_proxy(pg, tmp_path, priv, "--metrics-listen", f"127.0.0.1:{port}")
+    answered: list[int] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
+            i = offset
+            while not stop.is_set():
+                try:
+                    conn.execute("UPDATE orders SET amount = %s WHERE id = 2", [i])
+                    answered.append(i)
+                except psycopg.Error as exc:  # the connection stays usable
+                    refused.append(exc.sqlstate or "")
+                conn.execute("SELECT amount FROM orders WHERE id = 2")
+                i += 4
+
+    try:
+        first = writer_pid(proxy.proc.pid)
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(answered) > 100, timeout=30, what="writes through the proxy")
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: metrics(port).get("dbguard_ledger_writer_restarts_total", 0) == 1, timeout=30,
+                   what="a new writer")
+        before = len(answered)
+        wait_until(lambda: len(answered) > before + 100, timeout=30, what="writes after the new writer started")
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert writer_pid(proxy.proc.pid) != first
+        assert set(refused) <= {"58030"}, refused  # refused only as unrecordable, never passed unrecorded
+        assert "the ledger writer process exited" in proxy.log()
+        seen = metrics(port)
+        assert seen["dbguard_ledger_up"] == 1
+    finally:
+        stop.set()
+        proxy.stop()
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
+    assert r.returncode == 0, r.stdout
+    conn = sqlite3.connect(db)
+    writes = conn.execute("SELECT count(*) FROM entries WHERE kind = 'decision' AND CAST(data AS TEXT) LIKE "
+                          "'%UPDATE orders SET amount%'").fetchone()[0]
+    assert writes >= len(answered), (writes, len(answered))
+
+
+def test_a_killed_proxy_leaves_no_writer_behind_and_what_it_sent_is_committed(pg: Postgres, tmp_path, keys):
+    priv, pub = keys
+    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    child = writer_pid(proxy.proc.pid)
+    with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
+        for _ in range(300):
+            conn.execute("SELECT id FROM orders WHERE id = 1")
+        conn.execute("UPDATE orders SET status = 'x' WHERE id = 1")  # durable: everything before it went too
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait()
+    wait_until(lambda: not alive(child), timeout=15, what="the orphaned writer to finish")
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
+    assert r.returncode == 0, r.stdout
+    r = audit("search", "--ledger", str(db), "--table", "orders", "--op", "SELECT", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('"SELECT id FROM orders WHERE id = $1"') >= 300
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_one_writer_per_chain(tmp_path, store, request):
+    target = str(tmp_path / "l.db") if store == "sqlite" else request.getfixturevalue("ledger_db")
+    config = {"store": store, "target": target, "chain": "proxy-a", "key": None}
+    first = LedgerProcess(config, name="first")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LedgerStartError, match="chain 'proxy-a'.* is being written by another process"):
+            LedgerProcess(dict(config, lock_wait=1.0), name="second")
+        assert time.monotonic() - t0 < 15
+        other = LedgerProcess(dict(config, chain="proxy-b"), name="other chain")  # other chains are free
+        other.close()
+        first.append(b'{"time":"2026-11-24T02:00:00.000000+00:00","kind":"decision"}', durable=True).result(10)
+    finally:
+        first.close()
+    second = LedgerProcess(dict(config, lock_wait=1.0), name="second")  # the first is done: the chain continues
+    try:
+        assert second.append(b'{"time":"2026-11-24T02:00:01.000000+00:00","kind":"decision"}',
+                             durable=True).result(10) == 2
+    finally:
+        second.close()
