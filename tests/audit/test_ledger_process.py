@@ -8,13 +8,16 @@ import sqlite3
 import threading
 import time
 
+import orjson
 import psycopg
 import pytest
 
+from dbguard.audit import ledger, search, sqlite_sink
 from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
 from tests.audit.conftest import audit, ledger_proxy
 from tests.audit.test_ledger_e2e import metrics
 from tests.fix_postgres import Postgres, free_port, wait_until
+from tests.unit.test_ledger_writer import _reads as reads_of_three_shapes
 
 
 def writer_pid(proxy_pid: int) -> int:
@@ -131,3 +134,21 @@ def test_one_writer_per_chain(tmp_path, store, request):
                              durable=True).result(10) == 2
     finally:
         second.close()
+
+
+def test_the_writer_process_stores_reads_as_the_decision_events_they_were(tmp_path):
+    """Reads of three shapes over a minute boundary, some with whole completions (errors, not
+    executed), one appended whole: the blocks the writer process builds expand to exactly them."""
+    path = str(tmp_path / "l.db")
+    writer = LedgerProcess({"store": "sqlite", "target": path, "chain": "c1", "key": None}, name="t")
+    expected = [event for event, _ in reads_of_three_shapes(writer)]
+    writer.close()
+    conn = sqlite3.connect(path)
+    got = []
+    for kind, data in conn.execute("SELECT kind, data FROM entries ORDER BY id"):
+        got += search.block_reads(orjson.loads(data)) if kind == "reads" else [orjson.loads(data)]
+    assert got == expected
+    assert [list(e) for e in got] == [list(e) for e in expected]  # the same keys in the same order
+    assert conn.execute("SELECT count(*) FROM entries WHERE kind = 'reads'").fetchone()[0] >= 2
+    assert ledger.verify(sqlite_sink.read_rows(conn)).ok
+    assert writer.committed == len(expected)

@@ -46,7 +46,17 @@ import orjson
 
 from dbguard.audit import events
 from dbguard.audit import ledger_wire as wire
-from dbguard.audit.writer import READ_LINGER, LedgerUnavailable, Waiter, _resolve
+from dbguard.audit.events import iso_time
+from dbguard.audit.writer import (
+    BLOCK_MAX,
+    READ_LINGER,
+    Built,
+    LedgerUnavailable,
+    LedgerWriter,
+    Waiter,
+    resolve_waiters,
+    shape_touches,
+)
 from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
 log = logging.getLogger("dbguard.ledger")
@@ -224,7 +234,7 @@ class LedgerProcess:
             self._gen += 1
         if lost:
             log.error("ledger %s: %d entries the writer had not committed were lost with it", self.name, lost)
-        _resolve([(f, None) for f in waiting.values()], LedgerUnavailable(why))
+        resolve_waiters([(f, None) for f in waiting.values()], LedgerUnavailable(why))
         delay = 0.2
         while not self._closing:
             self.restarts += 1
@@ -272,7 +282,7 @@ class LedgerProcess:
         with self._lock:
             if durable:
                 if self._fd < 0 or self._closing:
-                    _resolve([(future, None)], LedgerUnavailable(self._down_error or "the ledger is closed"))
+                    resolve_waiters([(future, None)], LedgerUnavailable(self._down_error or "the ledger is closed"))
                     return future
                 request = self._next_request
                 self._next_request += 1
@@ -399,7 +409,7 @@ class LedgerProcess:
             self._retire(self._fd)
             self._fd = -1
             self._down_error = "the ledger is closed"
-        _resolve([(f, None) for f in waiting.values()], LedgerUnavailable("the ledger closed before the commit"))
+        resolve_waiters([(f, None) for f in waiting.values()], LedgerUnavailable("the ledger closed before the commit"))
 
 
 def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:
@@ -409,33 +419,74 @@ def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:
         if not seq:
             failed.setdefault(error, []).append((f, None))
     if ok:
-        _resolve(ok, None)
+        resolve_waiters(ok, None)
     for error, futures in failed.items():
-        _resolve(futures, LedgerUnavailable(error))
+        resolve_waiters(futures, LedgerUnavailable(error))
 
 
 # -- the writer process ------------------------------------------------------------------------------
 
 
-class Read:
-    """A read as the writer's blocks take it (the events.Completion protocol)."""
+class ReadBlocks:
+    """The writer's side of reads: rows of block entries (the format of ``writer._block``), built
+    as the frames arrive and handed to the writer whole at the end of each read from the pipe, so
+    the writer thread chains, hashes and stores one entry per block instead of formatting each
+    read. A block holds reads of one minute, at most ``writer.BLOCK_MAX``."""
 
-    __slots__ = ("_compact", "_json", "deferred", "stmt")
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+        self._reset()
 
-    def __init__(self, stmt: int, deferred: tuple[Any, events.ReadShape], compact: tuple[int, int, str] | None,
-                 json: bytes = b"") -> None:
-        self.stmt, self.deferred, self._compact, self._json = stmt, deferred, compact, json
+    def _reset(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.shapes: dict[events.ReadShape, int] = {}
+        self.touches: dict[tuple[str, str, str, str], None] = {}
+        self.minute = -1
+        self.first = 0  # the earliest read's µs since the epoch: the block's time
 
-    def compact(self) -> tuple[int, int, str] | None:
-        return self._compact
+    def add(self, shape: events.ReadShape, micros: int, tail: tuple[Any, ...]) -> None:
+        """One read decided at ``micros`` (µs since the epoch); ``tail`` is (stmt, duration µs,
+        tag) or ({completion},)."""
+        minute = micros // 60_000_000
+        if minute != self.minute or len(self.rows) >= BLOCK_MAX:
+            self.flush()
+            self.minute, self.first = minute, micros
+        elif micros < self.first:
+            self.first = micros
+        index = self.shapes.get(shape)
+        if index is None:
+            index = self.shapes[shape] = len(self.shapes)
+            self.touches.update(dict.fromkeys(shape_touches(shape)))
+        self.rows.append((index, micros % 60_000_000, *tail))
 
-    def json(self) -> bytes:
-        if self._compact is None:
-            return self._json
-        stmt, duration, tag = self._compact
-        last = tag.rpartition(" ")[2]
-        return orjson.dumps({"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
-                             "rows": int(last) if last.isdigit() else 0, "status": "ok"})
+    def flush(self) -> None:
+        rows = self.rows
+        if not rows:
+            return
+        first = datetime.datetime.fromtimestamp(self.first / 1e6, datetime.UTC)
+        if len(rows) == 1:  # a lone read is an ordinary decision entry
+            shape = next(iter(self.shapes))
+            _, _, *tail = rows[0]
+            data = shape.line(first, tail[0] if len(tail) == 3 else tail[0].get("stmt", 0), _completion(tail))
+            self.writer.append_built(Built(data, orjson.loads(data), 1))
+        else:
+            iso = iso_time(first)
+            data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(rows)
+                    + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in self.shapes])
+                    + b'],"reads":' + orjson.dumps(rows) + b"}")
+            self.writer.append_built(Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded",
+                                                  "block_touches": list(self.touches)}, len(rows)))
+        self._reset()
+
+
+def _completion(tail: list[Any]) -> bytes:
+    """A read's completion as its decision entry holds it (what ``search.block_reads`` rebuilds)."""
+    if len(tail) == 1:
+        return orjson.dumps(tail[0])
+    stmt, duration, tag = tail
+    last = tag.rpartition(" ")[2]
+    return orjson.dumps({"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
+                         "rows": int(last) if last.isdigit() else 0, "status": "ok"})
 
 
 def _chain_lock(config: dict[str, Any]) -> object:
@@ -544,7 +595,8 @@ def serve(inp: int = 0, out: int = 1) -> int:
             "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
                                                     "count": latency.count}}))
 
-    append_read, fromtimestamp, utc = writer.append_read, datetime.datetime.fromtimestamp, datetime.UTC
+    blocks = ReadBlocks(writer)
+    add = blocks.add
     quit_ = False
 
     def read(number: int, when: float, stmt: int, duration: int, tag: str) -> None:
@@ -553,7 +605,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
         shape = shapes.get(number)
         if shape is None:
             return unknown_shape(number)
-        append_read(Read(stmt, (fromtimestamp(when, utc), shape), (stmt, duration, tag)))
+        add(shape, round(when * 1e6), (stmt, duration, tag))  # exact: the proxy sent a µs time
 
     def unknown_shape(number: int) -> None:  # cannot happen unless the proxy is wrong: counted, never invented
         nonlocal unknown
@@ -570,13 +622,13 @@ def serve(inp: int = 0, out: int = 1) -> int:
             shape = shapes.get(number)
             if shape is None:
                 return unknown_shape(number)
-            writer.append_read(Read(stmt, (fromtimestamp(when, utc), shape), None,
-                                    payload[wire.READ_JSON_BODY.size:]))
+            add(shape, round(when * 1e6), (orjson.loads(payload[wire.READ_JSON_BODY.size:]),))
         elif kind == wire.SHAPE:
             number, head_len = wire.SHAPE_BODY.unpack_from(payload)
             rest = payload[wire.SHAPE_BODY.size:]
             shapes[number] = events.ReadShape(rest[:head_len], rest[head_len:], wire=number)
         elif kind == wire.ENTRY:
+            blocks.flush()  # the chain keeps the order the proxy sent things in
             received += 1
             request, block = wire.ENTRY_BODY.unpack_from(payload)
             future = writer.append(payload[wire.ENTRY_BODY.size:], durable=request != 0, block=bool(block))
@@ -601,6 +653,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
                     log.warning("ledger: the proxy is gone; committing what it sent")
                     break
                 reader.feed_reads(data, read, handle)
+                blocks.flush()
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY:
                 report = stats()
@@ -611,6 +664,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
     except wire.CorruptStream as exc:
         log.error("ledger: the stream from the proxy is corrupt (%s); committing what came before it", exc)
     finally:
+        blocks.flush()
         writer.close()
         with contextlib.suppress(OSError):
             send(stats())

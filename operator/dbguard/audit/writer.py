@@ -86,7 +86,17 @@ def index_fields(event: dict[str, Any]) -> tuple[str, str, str, str, int, str, s
 Waiter = concurrent.futures.Future | asyncio.Future
 
 
-def _resolve(futures: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
+class Built:
+    """An entry made ready elsewhere (the writer process builds blocks of reads as they arrive):
+    its bytes, its index fields, and how many reads it holds."""
+
+    __slots__ = ("data", "event", "reads")
+
+    def __init__(self, data: bytes, event: dict[str, Any], reads: int) -> None:
+        self.data, self.event, self.reads = data, event, reads
+
+
+def resolve_waiters(futures: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
     """Settle the waiters of a batch, each with its own entry's sequence number (or all with the
     error): concurrent futures here, asyncio futures on their loop, once per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiter, int | None]]] = {}
@@ -127,7 +137,10 @@ def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterato
     while i < n:
         data, _, block = pending[i]
         if not block:
-            yield data, orjson.loads(data), 1  # type: ignore[arg-type]
+            if type(data) is Built:
+                yield data.data, data.event, 1
+            else:
+                yield data, orjson.loads(data), 1  # type: ignore[arg-type]
             i += 1
             continue
         j = i + 1
@@ -159,7 +172,7 @@ def _time_of(data: bytes) -> datetime.datetime:
         return datetime.datetime.now(datetime.UTC)
 
 
-def _shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
+def shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
     """A read shape's rows for the search index, worked out once per shape (shapes are reused)."""
     if shape.touches is None:
         shape.touches = list(dict.fromkeys(touches(orjson.loads(b"{" + shape.body + b"}"))))
@@ -193,7 +206,7 @@ def _block(reads: list[bytes | Read], first: datetime.datetime) -> tuple[bytes, 
             index = get(shape)
             if index is None:
                 index = shapes[shape] = len(shapes)
-                found.update(dict.fromkeys(_shape_touches(shape)))
+                found.update(dict.fromkeys(shape_touches(shape)))
             done = completion.compact()
             if done is not None:
                 append((index, when.second * 1_000_000 + when.microsecond, *done))
@@ -266,6 +279,12 @@ class LedgerWriter:
         serializes the read's entry, and queues the object itself (no tuple to allocate)."""
         self._items.append(completion)
         if len(self._items) >= BATCH_MAX and not self._wake.is_set():  # set() takes a lock: once per batch
+            self._wake.set()
+
+    def append_built(self, entry: Built) -> None:
+        """Queue an entry built elsewhere (never durable): chained and stored as it is."""
+        self._items.append((entry, None, False))
+        if len(self._items) >= BATCH_MAX and not self._wake.is_set():
             self._wake.set()
 
     def queued(self) -> int:
@@ -368,7 +387,7 @@ class LedgerWriter:
                 log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
                 keep = keep[-RETRY_LIMIT:]
             self._retry = keep
-            _resolve([(fut, None) for _, fut, _ in pending if fut is not None], LedgerUnavailable(self.last_error))
+            resolve_waiters([(fut, None) for _, fut, _ in pending if fut is not None], LedgerUnavailable(self.last_error))
             # A commit whose answer was lost may have landed: continue from what is stored. If the
             # store is still down, the next commit retries.
             with contextlib.suppress(Exception):
@@ -391,6 +410,6 @@ class LedgerWriter:
         if checkpoints:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []
-        self.committed += len(pending)
-        _resolve([(fut, item_seq) for (_, fut, _), item_seq in zip(pending, item_seqs, strict=True)
+        self.committed += len(pending) + sum(d.reads - 1 for d, _, _ in pending if type(d) is Built)
+        resolve_waiters([(fut, item_seq) for (_, fut, _), item_seq in zip(pending, item_seqs, strict=True)
                   if fut is not None], None)
