@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -131,3 +133,38 @@ def test_one_writer_per_chain(tmp_path, store, request):
                              durable=True).result(10) == 2
     finally:
         second.close()
+
+
+def entry(i: int, pad: int = 0) -> bytes:
+    return b'{"time":"2026-11-24T02:00:00.000000+00:00","kind":"decision","i":%d,"pad":"%s"}' % (i, b"x" * pad)
+
+
+def test_close_under_a_backlog_of_acknowledgements_does_not_stall(tmp_path):
+    """The proxy closes its ledger from an executor thread while writes are still unacknowledged:
+    the acknowledgements must keep flowing while close() hands the backlog over, or the writer
+    blocks on its full pipe back, stops reading, and close() gives up with the backlog unwritten."""
+    db = tmp_path / "l.db"
+    ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+    pid = ledger._proc.pid
+
+    async def main() -> list[object]:
+        os.kill(pid, signal.SIGSTOP)  # a slow commit: the backlog builds up in the proxy
+        resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))  # not on the loop: close() may hold it up
+        try:
+            futures = [ledger.append(entry(i), durable=True) for i in range(2000)]
+            for i in range(40000):
+                ledger.append(entry(i, 500))
+            resume.start()
+            t0 = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, ledger.close)
+            assert time.monotonic() - t0 < 8, "close() stalled"
+        finally:
+            resume.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, int) for r in results), {type(r) for r in results}
+    assert ledger._proc.poll() == 0  # close() waited for the writer to finish
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 42000

@@ -186,8 +186,9 @@ class LedgerProcess:
                 for kind, payload in reader.feed(data):
                     if kind == wire.ACK:
                         request, seq = wire.ACK_BODY.unpack_from(payload)
-                        with self._lock:
-                            future = self._waiting.pop(request, None)
+                        # Without the lock (dict.pop is atomic): close() holds it while it writes, and
+                        # a writer whose acknowledgements are not read stops reading its input.
+                        future = self._waiting.pop(request, None)
                         if future is not None:
                             settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
                     elif kind == wire.STATS:
