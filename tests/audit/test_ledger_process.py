@@ -168,3 +168,36 @@ def test_close_under_a_backlog_of_acknowledgements_does_not_stall(tmp_path):
     assert all(isinstance(r, int) for r in results), {type(r) for r in results}
     assert ledger._proc.poll() == 0  # close() waited for the writer to finish
     assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 42000
+
+
+def test_a_writer_restart_closes_no_descriptor_of_the_proxy(tmp_path):
+    """The dead writer's pipe is closed once: a descriptor the proxy opens meanwhile (a client's
+    socket, an upstream connection) under the same number must stay open."""
+    ledger = LedgerProcess({"store": "sqlite", "target": str(tmp_path / "l.db"), "chain": "c", "key": None},
+                           name="l")
+    opened: list[int] = []
+    stop = threading.Event()
+
+    def open_files() -> None:  # the proxy accepting connections while the writer restarts
+        while not stop.is_set():
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+            time.sleep(0.002)
+
+    opener = threading.Thread(target=open_files)
+    opener.start()
+    try:
+        os.kill(ledger._proc.pid, signal.SIGKILL)
+        wait_until(lambda: ledger.restarts == 1 and not ledger.last_failed, timeout=30, what="a new writer")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        opener.join()
+    try:
+        # a number handed out twice: one of ours was closed behind our back
+        assert len(set(opened)) == len(opened), sorted(fd for fd in set(opened) if opened.count(fd) > 1)
+        assert ledger.append(entry(1), durable=True).result(10) == 1
+    finally:
+        ledger.close()
+        for fd in set(opened):
+            with contextlib.suppress(OSError):
+                os.close(fd)

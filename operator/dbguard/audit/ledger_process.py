@@ -159,7 +159,11 @@ class LedgerProcess:
             proc.wait()
             raise LedgerStartError(orjson.loads(payload).get("message", "the ledger writer failed")
                                    if kind == wire.FAILED else "the ledger writer answered nonsense")
-        fd = proc.stdin.fileno()
+        # Ours alone (``_retire`` closes it): were it proc.stdin's, that file object would close the
+        # number again when the Popen goes, by then perhaps a client's socket.
+        fd = os.dup(proc.stdin.fileno())
+        proc.stdin.close()
+        proc.stdin = None
         with contextlib.suppress(OSError):  # F_SETPIPE_SZ: a larger pipe rides out a slow commit
             fcntl.fcntl(fd, 1031, PIPE_SIZE)
         os.set_blocking(fd, False)
