@@ -7,12 +7,16 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
+import orjson
 import psycopg
 import pytest
 
+from dbguard.audit import ledger_wire as wire
 from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
 from tests.audit.conftest import audit, ledger_proxy
 from tests.audit.test_ledger_e2e import metrics
@@ -201,3 +205,24 @@ def test_a_writer_restart_closes_no_descriptor_of_the_proxy(tmp_path):
         for fd in set(opened):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def test_a_writer_whose_proxy_is_gone_commits_all_the_pipe_held(tmp_path):
+    """The proxy killed with a full pipe: the writer's first report back fails, and it must still
+    read (and commit) everything the proxy sent before it died."""
+    db = tmp_path / "l.db"
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps({"store": "sqlite", "target": str(db), "chain": "c"})))
+        proc.stdin.flush()
+        assert list(wire.FrameReader().feed(proc.stdout.read(wire.HEADER.size))) == [(wire.READY, b"")]
+        proc.stdout.close()  # the proxy is gone: nobody reads the writer's reports
+        for i in range(5000):
+            proc.stdin.write(wire.entry(0, False, entry(i, 500)))
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 5000

@@ -502,12 +502,17 @@ def serve(inp: int = 0, out: int = 1) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops when the proxy says so, or when the proxy is gone
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out_lock = threading.Lock()
+    gone = False  # nobody reads our reports: the proxy died, but what it sent is still to be committed
 
     def send(data: bytes) -> None:
+        nonlocal gone
         with out_lock:
             view = memoryview(data)
-            while view:
-                view = view[os.write(out, view):]
+            while view and not gone:
+                try:
+                    view = view[os.write(out, view):]
+                except OSError:  # EPIPE
+                    gone = True
 
     reader = wire.FrameReader()
     config: dict[str, Any] | None = None
@@ -617,8 +622,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
         log.error("ledger: the stream from the proxy is corrupt (%s); committing what came before it", exc)
     finally:
         writer.close()
-        with contextlib.suppress(OSError):
-            send(stats())
+        send(stats())
         del lock
     return 0
 
