@@ -226,3 +226,24 @@ def test_a_writer_whose_proxy_is_gone_commits_all_the_pipe_held(tmp_path):
         proc.kill()
         proc.wait()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 5000
+
+
+@pytest.mark.parametrize("garbage", [b"\0" * (1 << 20), b"hello\n", wire.frame(wire.CONFIG, b"[]"),
+                                     wire.frame(wire.CONFIG, b"{not json")])
+def test_a_writer_started_by_hand_with_garbage_says_so_and_exits(garbage):
+    """Its first frame must be the configuration: zero bytes (well-formed empty frames) must not be
+    kept in memory until one comes, and nonsense is an error message, not a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with contextlib.suppress(BrokenPipeError):  # it may stop reading at the first bad frame
+            for _ in range(20 if garbage[0] == 0 else 1):
+                proc.stdin.write(garbage)
+                proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 2, err
+    assert out == b""
+    assert b"Traceback" not in err and b"not a dbguard proxy" in err, err

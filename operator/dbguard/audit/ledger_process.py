@@ -516,16 +516,23 @@ def serve(inp: int = 0, out: int = 1) -> int:
 
     reader = wire.FrameReader()
     config: dict[str, Any] | None = None
-    pending: list[tuple[bytes, bytes]] = []
-    while config is None:
-        data = os.read(inp, 65536)
-        if not data:
-            return 1
-        for kind, payload in reader.feed(data):
-            if config is None and kind == wire.CONFIG:
-                config = orjson.loads(payload)
-            else:
-                pending.append((kind, payload))
+    pending: list[tuple[bytes, bytes]] = []  # what came with the configuration
+    try:
+        while config is None:
+            data = os.read(inp, 65536)
+            if not data:
+                return 1
+            for kind, payload in reader.feed(data):
+                if config is not None:
+                    pending.append((kind, payload))
+                elif kind != wire.CONFIG:  # the proxy sends it first: nothing else is kept waiting for it
+                    raise wire.CorruptStream(f"a frame of type {kind!r} before the configuration")
+                elif not isinstance(config := orjson.loads(payload), dict):
+                    raise wire.CorruptStream("the configuration is not an object")
+    except (wire.CorruptStream, orjson.JSONDecodeError) as exc:
+        sys.stderr.write(f"dbguard.audit.ledger_process: the input is not a dbguard proxy's ({exc}); this is "
+                         "the ledger writer, which the proxy starts itself\n")
+        return 2
     logging.basicConfig(level=config.get("log_level", logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (writer): %(message)s")
     try:
