@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 
 from dbguard.audit import ledger_wire as wire
+from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
 from tests.audit.conftest import audit, ledger_proxy
 from tests.audit.test_ledger_e2e import metrics
@@ -247,3 +249,20 @@ def test_a_writer_started_by_hand_with_garbage_says_so_and_exits(garbage):
     assert proc.returncode == 2, err
     assert out == b""
     assert b"Traceback" not in err and b"not a dbguard proxy" in err, err
+
+
+def test_two_ledgers_in_one_process_each_learn_a_shape(tmp_path):
+    """A shape's ``sent`` names the writer process that knows it: another ledger's writer (of the
+    same generation count) does not, and must be told before a read names it."""
+    shape = ReadShape(b'"session":"s"', b'"statement":"SELECT 1"')
+    first, second = (LedgerProcess({"store": "sqlite", "target": str(tmp_path / f"{name}.db"), "chain": name,
+                                    "key": None}, name=name) for name in ("a", "b"))
+    try:
+        for ledger in (first, second):
+            ledger.append_read(Done(1, b'{"stmt":1,"status":"ok"}', (datetime.datetime.now(datetime.UTC), shape)))
+    finally:
+        first.close()
+        second.close()
+    assert (first.dropped, second.dropped) == (0, 0)
+    for name in ("a", "b"):
+        assert sqlite3.connect(tmp_path / f"{name}.db").execute("SELECT count(*) FROM entries").fetchone()[0] == 1

@@ -32,6 +32,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import select
@@ -58,6 +59,8 @@ PIPE_SIZE = 1024 * 1024
 LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
 START_TIMEOUT = LOCK_WAIT + 30.0
 STATS_EVERY = 0.1
+# Writer processes, numbered across every LedgerProcess: a shape's ``sent`` names the one that knows it.
+_generations = itertools.count(1)
 
 
 class LedgerStartError(Exception):
@@ -73,7 +76,7 @@ class LedgerProcess:
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._reads: list[events.Completion] = []  # reads not yet packed into the buffer
-        self._gen = 0  # which writer process: shapes are sent again to a new one
+        self._gen = 0  # which writer process (of _generations): shapes are sent again to a new one
         self._proc: subprocess.Popen[bytes] | None = None
         self._fd = -1  # the pipe to the writer, non-blocking; -1 while no writer runs
         self._loop: asyncio.AbstractEventLoop | None = None  # whose add_writer drains a full pipe
@@ -168,7 +171,7 @@ class LedgerProcess:
             fcntl.fcntl(fd, 1031, PIPE_SIZE)
         os.set_blocking(fd, False)
         with self._lock:
-            self._gen += 1
+            self._gen = next(_generations)
             self._proc, self._fd, self._child = proc, fd, {}
         self._flush()  # what queued while no writer ran
 
@@ -226,7 +229,7 @@ class LedgerProcess:
             self._fd = -1
             self._down_error = why
             self._buf.clear()  # it names shapes the dead writer knew (counted in ``lost``)
-            self._gen += 1
+            self._gen = next(_generations)
         if lost:
             log.error("ledger %s: %d entries the writer had not committed were lost with it", self.name, lost)
         _resolve([(f, None) for f in waiting.values()], LedgerUnavailable(why))
