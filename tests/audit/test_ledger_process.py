@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +18,8 @@ import psycopg
 import pytest
 
 from dbguard.audit import ledger, search, sqlite_sink
+from dbguard.audit import ledger_wire as wire
+from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
 from tests.audit.conftest import audit, ledger_proxy
 from tests.audit.test_ledger_e2e import metrics
@@ -152,3 +159,130 @@ def test_the_writer_process_stores_reads_as_the_decision_events_they_were(tmp_pa
     assert conn.execute("SELECT count(*) FROM entries WHERE kind = 'reads'").fetchone()[0] >= 2
     assert ledger.verify(sqlite_sink.read_rows(conn)).ok
     assert writer.committed == len(expected)
+
+
+def entry(i: int, pad: int = 0) -> bytes:
+    return b'{"time":"2026-11-24T02:00:00.000000+00:00","kind":"decision","i":%d,"pad":"%s"}' % (i, b"x" * pad)
+
+
+def test_close_under_a_backlog_of_acknowledgements_does_not_stall(tmp_path):
+    """The proxy closes its ledger from an executor thread while writes are still unacknowledged:
+    the acknowledgements must keep flowing while close() hands the backlog over, or the writer
+    blocks on its full pipe back, stops reading, and close() gives up with the backlog unwritten."""
+    db = tmp_path / "l.db"
+    ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+    pid = ledger._proc.pid
+
+    async def main() -> list[object]:
+        os.kill(pid, signal.SIGSTOP)  # a slow commit: the backlog builds up in the proxy
+        resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))  # not on the loop: close() may hold it up
+        try:
+            futures = [ledger.append(entry(i), durable=True) for i in range(2000)]
+            for i in range(40000):
+                ledger.append(entry(i, 500))
+            resume.start()
+            t0 = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, ledger.close)
+            assert time.monotonic() - t0 < 8, "close() stalled"
+        finally:
+            resume.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, int) for r in results), {type(r) for r in results}
+    assert ledger._proc.poll() == 0  # close() waited for the writer to finish
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 42000
+
+
+def test_a_writer_restart_closes_no_descriptor_of_the_proxy(tmp_path):
+    """The dead writer's pipe is closed once: a descriptor the proxy opens meanwhile (a client's
+    socket, an upstream connection) under the same number must stay open."""
+    ledger = LedgerProcess({"store": "sqlite", "target": str(tmp_path / "l.db"), "chain": "c", "key": None},
+                           name="l")
+    opened: list[int] = []
+    stop = threading.Event()
+
+    def open_files() -> None:  # the proxy accepting connections while the writer restarts
+        while not stop.is_set():
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+            time.sleep(0.002)
+
+    opener = threading.Thread(target=open_files)
+    opener.start()
+    try:
+        os.kill(ledger._proc.pid, signal.SIGKILL)
+        wait_until(lambda: ledger.restarts == 1 and not ledger.last_failed, timeout=30, what="a new writer")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        opener.join()
+    try:
+        # a number handed out twice: one of ours was closed behind our back
+        assert len(set(opened)) == len(opened), sorted(fd for fd in set(opened) if opened.count(fd) > 1)
+        assert ledger.append(entry(1), durable=True).result(10) == 1
+    finally:
+        ledger.close()
+        for fd in set(opened):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_a_writer_whose_proxy_is_gone_commits_all_the_pipe_held(tmp_path):
+    """The proxy killed with a full pipe: the writer's first report back fails, and it must still
+    read (and commit) everything the proxy sent before it died."""
+    db = tmp_path / "l.db"
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps({"store": "sqlite", "target": str(db), "chain": "c"})))
+        proc.stdin.flush()
+        assert list(wire.FrameReader().feed(proc.stdout.read(wire.HEADER.size))) == [(wire.READY, b"")]
+        proc.stdout.close()  # the proxy is gone: nobody reads the writer's reports
+        for i in range(5000):
+            proc.stdin.write(wire.entry(0, False, entry(i, 500)))
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 5000
+
+
+@pytest.mark.parametrize("garbage", [b"\0" * (1 << 20), b"hello\n", wire.frame(wire.CONFIG, b"[]"),
+                                     wire.frame(wire.CONFIG, b"{not json")])
+def test_a_writer_started_by_hand_with_garbage_says_so_and_exits(garbage):
+    """Its first frame must be the configuration: zero bytes (well-formed empty frames) must not be
+    kept in memory until one comes, and nonsense is an error message, not a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with contextlib.suppress(BrokenPipeError):  # it may stop reading at the first bad frame
+            for _ in range(20 if garbage[0] == 0 else 1):
+                proc.stdin.write(garbage)
+                proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 2, err
+    assert out == b""
+    assert b"Traceback" not in err and b"not a dbguard proxy" in err, err
+
+
+def test_two_ledgers_in_one_process_each_learn_a_shape(tmp_path):
+    """A shape's ``sent`` names the writer process that knows it: another ledger's writer (of the
+    same generation count) does not, and must be told before a read names it."""
+    shape = ReadShape(b'"session":"s"', b'"statement":"SELECT 1"')
+    first, second = (LedgerProcess({"store": "sqlite", "target": str(tmp_path / f"{name}.db"), "chain": name,
+                                    "key": None}, name=name) for name in ("a", "b"))
+    try:
+        for ledger in (first, second):
+            ledger.append_read(Done(1, b'{"stmt":1,"status":"ok"}', (datetime.datetime.now(datetime.UTC), shape)))
+    finally:
+        first.close()
+        second.close()
+    assert (first.dropped, second.dropped) == (0, 0)
+    for name in ("a", "b"):
+        assert sqlite3.connect(tmp_path / f"{name}.db").execute("SELECT count(*) FROM entries").fetchone()[0] == 1

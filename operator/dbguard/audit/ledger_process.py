@@ -32,6 +32,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import select
@@ -68,6 +69,8 @@ PIPE_SIZE = 1024 * 1024
 LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
 START_TIMEOUT = LOCK_WAIT + 30.0
 STATS_EVERY = 0.1
+# Writer processes, numbered across every LedgerProcess: a shape's ``sent`` names the one that knows it.
+_generations = itertools.count(1)
 
 
 class LedgerStartError(Exception):
@@ -83,7 +86,7 @@ class LedgerProcess:
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._reads: list[events.Completion] = []  # reads not yet packed into the buffer
-        self._gen = 0  # which writer process: shapes are sent again to a new one
+        self._gen = 0  # which writer process (of _generations): shapes are sent again to a new one
         self._proc: subprocess.Popen[bytes] | None = None
         self._fd = -1  # the pipe to the writer, non-blocking; -1 while no writer runs
         self._loop: asyncio.AbstractEventLoop | None = None  # whose add_writer drains a full pipe
@@ -169,12 +172,16 @@ class LedgerProcess:
             proc.wait()
             raise LedgerStartError(orjson.loads(payload).get("message", "the ledger writer failed")
                                    if kind == wire.FAILED else "the ledger writer answered nonsense")
-        fd = proc.stdin.fileno()
+        # Ours alone (``_retire`` closes it): were it proc.stdin's, that file object would close the
+        # number again when the Popen goes, by then perhaps a client's socket.
+        fd = os.dup(proc.stdin.fileno())
+        proc.stdin.close()
+        proc.stdin = None
         with contextlib.suppress(OSError):  # F_SETPIPE_SZ: a larger pipe rides out a slow commit
             fcntl.fcntl(fd, 1031, PIPE_SIZE)
         os.set_blocking(fd, False)
         with self._lock:
-            self._gen += 1
+            self._gen = next(_generations)
             self._proc, self._fd, self._child = proc, fd, {}
         self._flush()  # what queued while no writer ran
 
@@ -193,15 +200,22 @@ class LedgerProcess:
                 if not data:
                     break
                 settled: list[tuple[Waiter, int | None, str]] = []
-                for kind, payload in reader.feed(data):
-                    if kind == wire.ACK:
-                        request, seq = wire.ACK_BODY.unpack_from(payload)
-                        with self._lock:
+                try:
+                    for kind, payload in reader.feed(data):
+                        if kind == wire.ACK:
+                            request, seq = wire.ACK_BODY.unpack_from(payload)
+                            # Without the lock (dict.pop is atomic): close() holds it while it writes,
+                            # and a writer whose acknowledgements are not read stops reading its input.
                             future = self._waiting.pop(request, None)
-                        if future is not None:
-                            settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
-                    elif kind == wire.STATS:
-                        self._child = orjson.loads(payload)
+                            if future is not None:
+                                settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
+                        elif kind == wire.STATS:
+                            self._child = orjson.loads(payload)
+                except Exception as exc:  # noqa: BLE001 - a writer that answers nonsense is treated as dead
+                    log.error("ledger %s: the writer's answer is corrupt (%s); starting a new one", self.name, exc)
+                    _settle(settled)
+                    proc.kill()
+                    break
                 _settle(settled)
             proc.wait()
             if self._closing:
@@ -231,7 +245,7 @@ class LedgerProcess:
             self._fd = -1
             self._down_error = why
             self._buf.clear()  # it names shapes the dead writer knew (counted in ``lost``)
-            self._gen += 1
+            self._gen = next(_generations)
         if lost:
             log.error("ledger %s: %d entries the writer had not committed were lost with it", self.name, lost)
         resolve_waiters([(f, None) for f in waiting.values()], LedgerUnavailable(why))
@@ -548,25 +562,37 @@ def serve(inp: int = 0, out: int = 1) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops when the proxy says so, or when the proxy is gone
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out_lock = threading.Lock()
+    gone = False  # nobody reads our reports: the proxy died, but what it sent is still to be committed
 
     def send(data: bytes) -> None:
+        nonlocal gone
         with out_lock:
             view = memoryview(data)
-            while view:
-                view = view[os.write(out, view):]
+            while view and not gone:
+                try:
+                    view = view[os.write(out, view):]
+                except OSError:  # EPIPE
+                    gone = True
 
     reader = wire.FrameReader()
     config: dict[str, Any] | None = None
-    pending: list[tuple[bytes, bytes]] = []
-    while config is None:
-        data = os.read(inp, 65536)
-        if not data:
-            return 1
-        for kind, payload in reader.feed(data):
-            if config is None and kind == wire.CONFIG:
-                config = orjson.loads(payload)
-            else:
-                pending.append((kind, payload))
+    pending: list[tuple[bytes, bytes]] = []  # what came with the configuration
+    try:
+        while config is None:
+            data = os.read(inp, 65536)
+            if not data:
+                return 1
+            for kind, payload in reader.feed(data):
+                if config is not None:
+                    pending.append((kind, payload))
+                elif kind != wire.CONFIG:  # the proxy sends it first: nothing else is kept waiting for it
+                    raise wire.CorruptStream(f"a frame of type {kind!r} before the configuration")
+                elif not isinstance(config := orjson.loads(payload), dict):
+                    raise wire.CorruptStream("the configuration is not an object")
+    except (wire.CorruptStream, orjson.JSONDecodeError) as exc:
+        sys.stderr.write(f"dbguard.audit.ledger_process: the input is not a dbguard proxy's ({exc}); this is "
+                         "the ledger writer, which the proxy starts itself\n")
+        return 2
     logging.basicConfig(level=config.get("log_level", logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s (writer): %(message)s")
     try:
@@ -666,8 +692,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
     finally:
         blocks.flush()
         writer.close()
-        with contextlib.suppress(OSError):
-            send(stats())
+        send(stats())
         del lock
     return 0
 
