@@ -183,7 +183,13 @@ class LedgerProcess:
         with self._lock:
             self._gen = next(_generations)
             self._proc, self._fd, self._child = proc, fd, {}
-        self._flush()  # what queued while no writer ran
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # A restart runs on the reader thread: the loop writes what queued meanwhile, as it
+            # writes everything else, rather than this thread blocking it on the lock.
+            loop.call_soon_threadsafe(self._flush)
+        else:
+            self._flush()  # what queued while no writer ran
 
     def _read_acks(self) -> None:
         """The reader thread: settles durable entries as the writer acknowledges them, keeps its
@@ -354,6 +360,7 @@ class LedgerProcess:
         except RuntimeError:  # not on an event loop: write now
             self._flush()
             return
+        self._loop = loop
         self._timer = loop.call_later(READ_LINGER, self._flush)
 
     def _flush(self) -> None:
