@@ -36,6 +36,15 @@ class Buckets:
         self.total += seconds
         self.count += 1
 
+    def merged(self, other: dict[str, Any]) -> Buckets:
+        """These counts plus another histogram's, as ``{"counts", "total", "count"}`` (the ledger
+        writer process reports its own this way)."""
+        out = Buckets(self.bounds)
+        out.counts = [a + b for a, b in zip(self.counts, other.get("counts") or [0] * len(self.counts), strict=True)]
+        out.total = self.total + other.get("total", 0.0)
+        out.count = self.count + other.get("count", 0)
+        return out
+
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         cumulative, running = [], 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import fcntl
 import hashlib
 import itertools
@@ -47,16 +46,12 @@ import orjson
 
 from dbguard.audit import events
 from dbguard.audit import ledger_wire as wire
-from dbguard.audit.events import iso_time
 from dbguard.audit.writer import (
-    BLOCK_MAX,
     READ_LINGER,
-    Built,
+    Blocks,
     LedgerUnavailable,
-    LedgerWriter,
     Waiter,
     resolve_waiters,
-    shape_touches,
 )
 from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
@@ -129,13 +124,7 @@ class LedgerProcess:
 
     @property
     def commit_latency(self) -> Buckets:
-        out = Buckets(LEDGER_BUCKETS)
-        latency = self._child.get("latency") or {}
-        counts = latency.get("counts") or [0] * len(out.counts)
-        out.counts = [a + b for a, b in zip(self._latency_base.counts, counts, strict=True)]
-        out.total = self._latency_base.total + latency.get("total", 0.0)
-        out.count = self._latency_base.count + latency.get("count", 0)
-        return out
+        return self._latency_base.merged(self._child.get("latency") or {})
 
     def queued(self) -> int:
         """Entries not yet committed: in this buffer, in the pipe and in the writer."""
@@ -240,12 +229,7 @@ class LedgerProcess:
             for key in self._base:
                 self._base[key] += child.get(key, 0)
             self._base["dropped"] += lost
-            latency = child.get("latency") or {}
-            if latency:
-                base = self._latency_base
-                base.counts = [a + b for a, b in zip(base.counts, latency["counts"], strict=True)]
-                base.total += latency["total"]
-                base.count += latency["count"]
+            self._latency_base = self._latency_base.merged(child.get("latency") or {})
             self._child, self._sent = {}, 0
             self._retire(self._fd)
             self._fd = -1
@@ -448,68 +432,6 @@ def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:
 # -- the writer process ------------------------------------------------------------------------------
 
 
-class ReadBlocks:
-    """The writer's side of reads: rows of block entries (the format of ``writer._block``), built
-    as the frames arrive and handed to the writer whole at the end of each read from the pipe, so
-    the writer thread chains, hashes and stores one entry per block instead of formatting each
-    read. A block holds reads of one minute, at most ``writer.BLOCK_MAX``."""
-
-    def __init__(self, writer: LedgerWriter) -> None:
-        self.writer = writer
-        self._reset()
-
-    def _reset(self) -> None:
-        self.rows: list[tuple[Any, ...]] = []
-        self.shapes: dict[events.ReadShape, int] = {}
-        self.touches: dict[tuple[str, str, str, str], None] = {}
-        self.minute = -1
-        self.first = 0  # the earliest read's µs since the epoch: the block's time
-
-    def add(self, shape: events.ReadShape, micros: int, tail: tuple[Any, ...]) -> None:
-        """One read decided at ``micros`` (µs since the epoch); ``tail`` is (stmt, duration µs,
-        tag) or ({completion},)."""
-        minute = micros // 60_000_000
-        if minute != self.minute or len(self.rows) >= BLOCK_MAX:
-            self.flush()
-            self.minute, self.first = minute, micros
-        elif micros < self.first:
-            self.first = micros
-        index = self.shapes.get(shape)
-        if index is None:
-            index = self.shapes[shape] = len(self.shapes)
-            self.touches.update(dict.fromkeys(shape_touches(shape)))
-        self.rows.append((index, micros % 60_000_000, *tail))
-
-    def flush(self) -> None:
-        rows = self.rows
-        if not rows:
-            return
-        first = datetime.datetime.fromtimestamp(self.first / 1e6, datetime.UTC)
-        if len(rows) == 1:  # a lone read is an ordinary decision entry
-            shape = next(iter(self.shapes))
-            _, _, *tail = rows[0]
-            data = shape.line(first, tail[0] if len(tail) == 3 else tail[0].get("stmt", 0), _completion(tail))
-            self.writer.append_built(Built(data, orjson.loads(data), 1))
-        else:
-            iso = iso_time(first)
-            data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(rows)
-                    + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in self.shapes])
-                    + b'],"reads":' + orjson.dumps(rows) + b"}")
-            self.writer.append_built(Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded",
-                                                  "block_touches": list(self.touches)}, len(rows)))
-        self._reset()
-
-
-def _completion(tail: list[Any]) -> bytes:
-    """A read's completion as its decision entry holds it (what ``search.block_reads`` rebuilds)."""
-    if len(tail) == 1:
-        return orjson.dumps(tail[0])
-    stmt, duration, tag = tail
-    last = tag.rpartition(" ")[2]
-    return orjson.dumps({"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
-                         "rows": int(last) if last.isdigit() else 0, "status": "ok"})
-
-
 def _chain_lock(config: dict[str, Any]) -> object:
     """Hold the chain's writer lock for this process's life (see the module's docstring)."""
     chain, target = config["chain"], config["target"]
@@ -628,9 +550,20 @@ def serve(inp: int = 0, out: int = 1) -> int:
             "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
                                                     "count": latency.count}}))
 
-    blocks = ReadBlocks(writer)
-    add = blocks.add
+    # Reads become block entries as their frames arrive, handed over whole at the end of each read
+    # from the pipe: the writer thread chains, hashes and stores one entry per block.
+    blocks = Blocks()
     quit_ = False
+
+    def add(shape: events.ReadShape, when: float, tail: tuple[Any, ...]) -> None:
+        done = blocks.add(shape, round(when * 1e6), tail)  # exact: the proxy sent a µs time
+        if done is not None:
+            writer.append_built(done)
+
+    def cut() -> None:
+        done = blocks.flush()
+        if done is not None:
+            writer.append_built(done)
 
     def read(number: int, when: float, stmt: int, duration: int, tag: str) -> None:
         nonlocal received
@@ -638,7 +571,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
         shape = shapes.get(number)
         if shape is None:
             return unknown_shape(number)
-        add(shape, round(when * 1e6), (stmt, duration, tag))  # exact: the proxy sent a µs time
+        add(shape, when, (stmt, duration, tag))
 
     def unknown_shape(number: int) -> None:  # cannot happen unless the proxy is wrong: counted, never invented
         nonlocal unknown
@@ -655,13 +588,13 @@ def serve(inp: int = 0, out: int = 1) -> int:
             shape = shapes.get(number)
             if shape is None:
                 return unknown_shape(number)
-            add(shape, round(when * 1e6), (orjson.loads(payload[wire.READ_JSON_BODY.size:]),))
+            add(shape, when, (orjson.loads(payload[wire.READ_JSON_BODY.size:]),))
         elif kind == wire.SHAPE:
             number, head_len = wire.SHAPE_BODY.unpack_from(payload)
             rest = payload[wire.SHAPE_BODY.size:]
             shapes[number] = events.ReadShape(rest[:head_len], rest[head_len:], wire=number)
         elif kind == wire.ENTRY:
-            blocks.flush()  # the chain keeps the order the proxy sent things in
+            cut()  # the chain keeps the order the proxy sent things in
             received += 1
             request, block = wire.ENTRY_BODY.unpack_from(payload)
             future = writer.append(payload[wire.ENTRY_BODY.size:], durable=request != 0, block=bool(block))
@@ -686,7 +619,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
                     log.warning("ledger: the proxy is gone; committing what it sent")
                     break
                 reader.feed_reads(data, read, handle)
-                blocks.flush()
+                cut()
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY:
                 report = stats()
@@ -697,7 +630,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
     except wire.CorruptStream as exc:
         log.error("ledger: the stream from the proxy is corrupt (%s); committing what came before it", exc)
     finally:
-        blocks.flush()
+        cut()
         writer.close()
         send(stats())
         del lock

@@ -161,7 +161,7 @@ def block_reads(block: dict[str, Any]) -> list[dict[str, Any]]:
     shape once (``shapes``: ``[{session members}, {statement members}]``) and per read ``[shape,
     microseconds into the block's minute, {completion}]``, or ``[shape, microseconds, stmt,
     duration in µs, tag]`` for a read that ran with one tag (status ok, rows from the tag), or the
-    read itself for a read appended whole (see writer._block).
+    read itself for a read appended whole (see writer.Blocks).
     """
     if "entries" in block:
         return block["entries"]

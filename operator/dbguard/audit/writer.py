@@ -122,54 +122,42 @@ def _settle(waiting: list[tuple[Waiter, int | None]], error: BaseException | Non
 
 
 Read = Any  # a read: its events.Completion, whose ``deferred`` is (decided at, its events.ReadShape)
-_MINUTE = datetime.timedelta(minutes=1)
 
 
 def _records(pending: list[tuple[bytes | Read, Waiter | None, bool]]) -> Iterator[tuple[bytes, dict[str, Any], int]]:
-    """What the chain stores, in order: each entry, except that consecutive reads of the same minute
-    become one block entry (see ``_block``). The third item is how many pending appends the record
-    holds (a block holds its run).
-
-    A read costs the store a fraction of a row this way; search expands blocks and filters their
-    reads. Blocks never span a minute boundary, so a block's time bounds every read in it.
-    """
-    i, n = 0, len(pending)
-    while i < n:
-        data, _, block = pending[i]
-        if not block:
-            if type(data) is Built:
-                yield data.data, data.event, 1
+    """What the chain stores, in order: each entry, except that consecutive reads become block
+    entries (see ``Blocks``). The third item is how many pending appends the record holds."""
+    blocks: Blocks | None = None
+    for data, _, block in pending:
+        done: Built | None = None
+        if block:
+            blocks = blocks or Blocks()
+            if type(data) is bytes:  # a read appended whole
+                event = orjson.loads(data)
+                done = blocks.add_whole(data, event, _micros_of(event))
             else:
-                yield data, orjson.loads(data), 1  # type: ignore[arg-type]
-            i += 1
-            continue
-        j = i + 1
-        while j < n and pending[j][2] and j - i < BLOCK_MAX:
-            j += 1
-        reads = [d for d, _, _ in pending[i:j]]
-        times = [_time_of(d) if type(d) is bytes else d.deferred[0] for d in reads]
-        first, last = min(times), max(times)
-        if first.replace(second=0, microsecond=0) == last.replace(second=0, microsecond=0):
-            yield *_block(reads, first), j - i  # the usual case: a batch's reads are of one minute
-        else:  # split where the minute changes
-            k = i
-            while k < j:
-                start = times[k - i].replace(second=0, microsecond=0)
-                end = start + _MINUTE
-                m = k + 1
-                while m < j and start <= times[m - i] < end:
-                    m += 1
-                yield *_block(reads[k - i:m - i], min(times[k - i:m - i])), m - k
-                k = m
-        i = j
+                when, shape = data.deferred
+                compact = data.compact()
+                done = blocks.add(shape, round(when.timestamp() * 1e6),
+                                  compact if compact is not None else (orjson.loads(data.json()),))
+        elif blocks is not None:
+            done, blocks = blocks.flush(), None
+        if done is not None:
+            yield done.data, done.event, done.reads
+        if not block:
+            yield (data.data, data.event, 1) if type(data) is Built else (data, orjson.loads(data), 1)
+    if blocks is not None and (done := blocks.flush()) is not None:
+        yield done.data, done.event, done.reads
 
 
-def _time_of(data: bytes) -> datetime.datetime:
-    """A read appended whole: its time (now if it has none, so it cannot stall the batch)."""
+def _micros_of(event: dict[str, Any]) -> int:
+    """A read appended whole: its time in µs since the epoch (now if it has none, so it cannot
+    stall the batch)."""
     try:
-        return datetime.datetime.fromisoformat(orjson.loads(data).get("time", "")).astimezone(datetime.UTC)
+        when = datetime.datetime.fromisoformat(event.get("time", "")).astimezone(datetime.UTC)
     except (ValueError, TypeError, AttributeError):
-        return datetime.datetime.now(datetime.UTC)
+        when = datetime.datetime.now(datetime.UTC)
+    return round(when.timestamp() * 1e6)
 
 
 def shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
@@ -179,50 +167,93 @@ def shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
     return shape.touches
 
 
-def _block(reads: list[bytes | Read], first: datetime.datetime) -> tuple[bytes, dict[str, Any]]:
-    """One entry for reads of one minute: ``{"kind":"reads","time":..,"count":..,"shapes":[..],"reads":[..]}``.
+class Blocks:
+    """Reads of one minute, at most ``BLOCK_MAX``, as one entry: ``{"kind":"reads","time":..,
+    "count":..,"shapes":[..],"reads":[..]}`` (the one place that writes this format; the writer
+    process feeds it as frames arrive, ``_records`` as reads leave the queue).
 
     ``shapes`` holds each distinct ``[{session members},{statement members}]`` once; a read that
     ran and returned one command tag with no error and nothing masked is ``[shape, microseconds
     into the block's minute, stmt, duration in microseconds, tag]``, any other read ``[shape,
-    microseconds, {completion}]``, and a read appended as bytes its whole entry. The block's time
-    is its earliest read. ``search.block_reads`` turns a block back into its reads, exactly as
-    each read's own decision event would have been.
+    microseconds, {completion}]``, and a read appended whole its whole entry. The block's time is
+    its earliest read. A lone read is an ordinary decision entry. ``search.block_reads`` turns a
+    block back into its reads, exactly as each read's own decision event would have been.
+    ``add`` and ``add_whole`` return the finished block when a read starts the next one.
     """
-    if len(reads) == 1:
-        data = reads[0]
-        if type(data) is not bytes:  # a lone read is an ordinary decision entry
-            now, shape = data.deferred
-            data = shape.line(now, data.stmt, data.json())
-        return data, orjson.loads(data)  # type: ignore[arg-type]
-    shapes: dict[Any, int] = {}
-    get = shapes.get
-    found: dict[tuple[str, str, str, str], None] = {}
-    rows: list[Any] = []
-    append = rows.append
-    for completion in reads:
-        if type(completion) is not bytes:
-            when, shape = completion.deferred
-            index = get(shape)
-            if index is None:
-                index = shapes[shape] = len(shapes)
-                found.update(dict.fromkeys(shape_touches(shape)))
-            done = completion.compact()
-            if done is not None:
-                append((index, when.second * 1_000_000 + when.microsecond, *done))
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[Any] = []
+        self.shapes: dict[Any, int] = {}
+        self.touches: dict[tuple[str, str, str, str], None] = {}
+        self.minute = -1
+        self.first = 0  # the earliest read's µs since the epoch
+        self.whole: tuple[bytes, dict[str, Any]] | None = None  # the last read appended whole
+
+    def _next(self, micros: int) -> Built | None:
+        minute = micros // 60_000_000
+        if minute != self.minute or len(self.rows) >= BLOCK_MAX:
+            done = self.flush()
+            self.minute, self.first = minute, micros
+            return done
+        if micros < self.first:
+            self.first = micros
+        return None
+
+    def add(self, shape: Any, micros: int, tail: tuple[Any, ...]) -> Built | None:
+        """A read of ``shape`` decided at ``micros``: ``tail`` is (stmt, duration µs, tag) or ({completion},)."""
+        done = self._next(micros)
+        index = self.shapes.get(shape)
+        if index is None:
+            index = self.shapes[shape] = len(self.shapes)
+            self.touches.update(dict.fromkeys(shape_touches(shape)))
+        self.rows.append((index, micros % 60_000_000, *tail))
+        return done
+
+    def add_whole(self, data: bytes, event: dict[str, Any], micros: int) -> Built | None:
+        done = self._next(micros)
+        self.rows.append(event)
+        self.touches.update(dict.fromkeys(touches(event)))
+        self.whole = (data, event)
+        return done
+
+    def flush(self) -> Built | None:
+        rows = self.rows
+        if not rows:
+            return None
+        first = datetime.datetime.fromtimestamp(self.first / 1e6, datetime.UTC)
+        if len(rows) == 1:
+            if type(rows[0]) is dict:
+                data, event = self.whole  # type: ignore[misc]
             else:
-                append((index, when.second * 1_000_000 + when.microsecond, orjson.loads(completion.json())))
-        else:  # a read appended whole
-            event = orjson.loads(completion)
-            append(event)
-            found.update(dict.fromkeys(touches(event)))
-    iso = iso_time(first)
-    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(reads)
-            + b",".join([b"[{" + shape.head + b"},{" + shape.body + b"}]" for shape in shapes])
-            + b'],"reads":' + orjson.dumps(rows) + b"}")
-    # Search matches a block on its time and touches only, then filters each read: no per-block
-    # user or session to index.
-    return data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(found)}
+                _, _, *tail = rows[0]
+                stmt = tail[0] if len(tail) == 3 else tail[0].get("stmt", 0)
+                data = next(iter(self.shapes)).line(first, stmt, _completion(tail))
+                event = orjson.loads(data)
+            done = Built(data, event, 1)
+        else:
+            iso = iso_time(first)
+            data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(rows)
+                    + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in self.shapes])
+                    + b'],"reads":' + orjson.dumps(rows) + b"}")
+            # Search matches a block on its time and touches only, then filters each read: no
+            # per-block user or session to index.
+            done = Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded",
+                                "block_touches": list(self.touches)}, len(rows))
+        self._reset()
+        return done
+
+
+def _completion(tail: list[Any]) -> bytes:
+    """A read's completion as its decision entry holds it (what ``search.block_reads`` rebuilds)."""
+    if len(tail) == 1:
+        return orjson.dumps(tail[0])
+    stmt, duration, tag = tail
+    last = tag.rpartition(" ")[2]
+    return orjson.dumps({"stmt": stmt, "duration_ms": duration / 1000, "tags": [tag],
+                         "rows": int(last) if last.isdigit() else 0, "status": "ok"})
 
 
 class LedgerWriter:
