@@ -8,12 +8,13 @@ direct, to PgBouncer and to dbguard without a ledger, and dbguard's CPU microsec
 (its process CPU time; the ledger's writer process is shown after a +). Everything listens on
 loopback; the run is bounded by --duration per cell.
 
-With --rounds N every workload runs N rounds, each round every path once, one after the other:
-the table shows the median tps and the median of the per-round ratios, which pair runs made
-within seconds of each other (single runs on a shared machine swing by 5-10%), and a line per
-ledger path lists each round's ratio.
+With --rounds N every workload runs N rounds, each round every path once, one after the other
+(odd rounds in reverse order, so that no path always runs first or last): the table shows the
+median tps and the median of the per-round ratios, which pair runs made within seconds of each
+other (single runs on a shared machine swing by 5-10%), and a line per ledger path lists each
+round's ratio. Use an even N.
 
-Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16] [--workloads select] [--rounds 3]
+Usage: python bench/pgbench_compare.py [--duration 15] [--clients 16] [--workloads select] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -152,8 +153,10 @@ def main() -> int:
             tps_of: dict[str, list[float]] = {label: [] for label, *_ in targets}
             lat_of: dict[str, list[float]] = {label: [] for label, *_ in targets}
             cpu_of: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
-            for _ in range(args.rounds):
-                for label, port, user, password, pid in targets:
+            for round_no in range(args.rounds):
+                # Every other round runs the paths in reverse order: a path's place in the round
+                # then cancels out (on a shared machine, later runs in a row tended to be slower).
+                for label, port, user, password, pid in (targets if round_no % 2 == 0 else targets[::-1]):
                     cpu0 = cpu_seconds(pid) if pid else 0.0
                     writer0 = writer_cpu_seconds(pid) if pid else 0.0
                     tps, lat, txns = pgbench(port, user, password, wargs, args.duration, args.clients)
@@ -181,8 +184,10 @@ def main() -> int:
             if args.rounds > 1:
                 for label, *_ in targets:
                     if label.startswith("+"):
-                        rounds = " ".join(f"{a / b:.2f}" for a, b in zip(tps_of[label], tps_of["dbguard"], strict=True))
-                        print(f"{'':<22} {label:<10} per round /dbguard: {rounds}")
+                        each = [a / b for a, b in zip(tps_of[label], tps_of["dbguard"], strict=True)]
+                        spread = statistics.stdev(each) / len(each) ** 0.5  # the mean's standard error
+                        print(f"{'':<22} {label:<10} per round /dbguard: {' '.join(f'{x:.2f}' for x in each)}"
+                              f"  (mean {statistics.fmean(each):.3f} ± {spread:.3f})")
         return 0
     finally:
         for p in procs:
