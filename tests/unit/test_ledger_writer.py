@@ -91,6 +91,8 @@ def _reads(writer: LedgerWriter) -> list[tuple[dict, bytes]]:
         done.tags, done.closed, done.started, done.ended = [f"SELECT {i % 4}"], True, 10.0, 10.0 + 0.00025 * i
         if i == 25:  # a tag JSON must escape
             done.tags = ['WEIRD "tag" \\ 2']
+        if i == 33:  # ran for 73 minutes: more µs than a packed read record holds
+            done.ended = done.started + 4_400.0
         if i % 7 == 0:  # anything else keeps its completion whole
             done = Done(i + 1, b'{"stmt":%d,"tags":[],"rows":0,"status":"not-executed"}' % (i + 1), (now, shape))
         if i == 20:  # an error, with a message that needs escaping

@@ -51,7 +51,7 @@ class ReadShape:
     ledger's writer process learns a shape once, by its ``wire`` number (audit.ledger_process).
     """
 
-    __slots__ = ("body", "head", "sent", "touches", "wire")
+    __slots__ = ("batch", "body", "head", "index", "sent", "touches", "wire")
 
     def __init__(self, head: bytes, body: bytes, wire: int = 0) -> None:
         self.head = head
@@ -59,6 +59,8 @@ class ReadShape:
         self.touches: list[tuple[str, str, str, str]] | None = None  # the search index's rows, made by the writer
         self.wire = wire or next(_shape_numbers)  # its number between the proxy and the writer process
         self.sent = 0  # the writer process (its generation) that knows this shape; 0: none
+        self.batch = 0  # the batch of reads that last named it, and its index in that batch's shapes
+        self.index = 0
 
     def __del__(self) -> None:
         if self.sent:

@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import itertools
 import logging
+import math
 import os
 import select
 import signal
@@ -44,14 +45,17 @@ from typing import Any
 
 import orjson
 
-from dbguard.audit import events
+from dbguard.audit import events, read_records
 from dbguard.audit import ledger_wire as wire
 from dbguard.audit.writer import (
+    BLOCK_MAX,
     READ_LINGER,
     Blocks,
     LedgerUnavailable,
     Waiter,
+    packed_block,
     resolve_waiters,
+    same_minute,
 )
 from dbguard.metrics import LEDGER_BUCKETS, Buckets
 
@@ -59,6 +63,7 @@ log = logging.getLogger("dbguard.ledger")
 
 FLUSH_AT = 64 * 1024  # bytes of frames that are written at once, without waiting for READ_LINGER
 READ_BATCH = 1000  # reads packed and written at once, without waiting for READ_LINGER
+assert READ_BATCH <= read_records.MAX_SHAPES  # a batch's records index its shapes with a u16
 BUFFER_MAX = 32 * 1024 * 1024  # beyond this the writer is stuck: further reads are dropped (counted)
 PIPE_SIZE = 1024 * 1024
 LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
@@ -66,6 +71,7 @@ START_TIMEOUT = LOCK_WAIT + 30.0
 STATS_EVERY = 0.1
 # Writer processes, numbered across every LedgerProcess: a shape's ``sent`` names the one that knows it.
 _generations = itertools.count(1)
+_batches = itertools.count(1)  # batches of reads, across every LedgerProcess: a shape's ``batch``
 
 
 class LedgerStartError(Exception):
@@ -313,29 +319,40 @@ class LedgerProcess:
             self._arm()
 
     def _pack_reads(self) -> None:
-        """Pack the queued reads into the buffer (lock held): each names its shape by number, and
-        a shape's text goes to this writer once."""
+        """Pack the queued reads into one READS frame (lock held): a record per read, naming its
+        shape by its index in the batch; a shape's text goes to this writer once."""
         reads, self._reads = self._reads, []
         buf, gen = self._buf, self._gen
         if len(buf) > BUFFER_MAX:
             self._base["dropped"] += len(reads)
             return
-        pack, pack_json = wire.READ_HEAD.pack, wire.READ_JSON_HEAD.pack
-        read, read_json, fixed, fixed_json = wire.READ, wire.READ_JSON, wire.READ_BODY.size, wire.READ_JSON_BODY.size
+        batch = next(_batches)
+        used: list[int] = []
+        out = bytearray()
+        pack, whole = read_records.RECORD.pack, read_records.whole
+        max_tag, max_duration = read_records.MAX_TAG, read_records.MAX_DURATION
+        earliest, latest = math.inf, -math.inf
         for completion in reads:
             when, shape = completion.deferred  # type: ignore[misc]
             if shape.sent != gen:
                 buf += wire.shape(shape.wire, shape.head, shape.body)
                 shape.sent = gen
+            if shape.batch != batch:
+                shape.batch, shape.index = batch, len(used)
+                used.append(shape.wire)
+            at = when.timestamp()
+            if at < earliest:
+                earliest = at
+            if at > latest:
+                latest = at
             done = completion.compact()
-            if done is not None:
-                tag = done[2].encode()
-                buf += pack(read, fixed + len(tag), shape.wire, when.timestamp(), done[0], done[1])
-                buf += tag
+            if done is not None and len(done[2]) <= max_tag and done[1] <= max_duration:  # (ASCII tags)
+                out += pack(shape.index, at, done[0], done[1], len(done[2]))
+                out += done[2].encode()
             else:
-                data = completion.json()
-                buf += pack_json(read_json, fixed_json + len(data), shape.wire, when.timestamp(), completion.stmt)
-                buf += data
+                out += whole(shape.index, at, completion.stmt, completion.json())
+        if reads:
+            buf += wire.reads(len(reads), earliest, latest, used, out)
         self._sent += len(reads)
 
     def _arm(self) -> None:
@@ -550,28 +567,38 @@ def serve(inp: int = 0, out: int = 1) -> int:
             "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
                                                     "count": latency.count}}))
 
-    # Reads become block entries as their frames arrive, handed over whole at the end of each read
-    # from the pipe: the writer thread chains, hashes and stores one entry per block.
+    # A batch of reads of one minute becomes one block entry as it came; other batches (across a
+    # minute, a lone read, a shape the writer was not told about) go read by read through Blocks.
+    # The writer thread chains, hashes and stores one entry per block.
     blocks = Blocks()
     quit_ = False
-
-    def add(shape: events.ReadShape, when: float, tail: tuple[Any, ...]) -> None:
-        done = blocks.add(shape, round(when * 1e6), tail)  # exact: the proxy sent a µs time
-        if done is not None:
-            writer.append_built(done)
 
     def cut() -> None:
         done = blocks.flush()
         if done is not None:
             writer.append_built(done)
 
-    def read(number: int, when: float, stmt: int, duration: int, tag: str) -> None:
+    def reads(payload: bytes) -> None:
         nonlocal received
-        received += 1
-        shape = shapes.get(number)
-        if shape is None:
-            return unknown_shape(number)
-        add(shape, when, (stmt, duration, tag))
+        count, earliest, latest, numbers, records = wire.reads_of(payload)
+        received += count
+        known = [shapes.get(number) for number in numbers]
+        if 1 < count <= BLOCK_MAX and same_minute(earliest, latest) and None not in known:
+            cut()  # the chain keeps the order the proxy sent things in
+            writer.append_built(packed_block(known, earliest, count, records))
+            return
+        try:
+            for index, when, stmt, duration, tail in read_records.records(records):
+                shape = known[index] if index < len(known) else None
+                if shape is None:
+                    unknown_shape(numbers[index] if index < len(numbers) else index)
+                    continue
+                done = blocks.add(shape, round(when * 1e6),
+                                  (tail,) if type(tail) is dict else (stmt, duration, tail))
+                if done is not None:
+                    writer.append_built(done)
+        except ValueError as exc:  # read_records.CorruptRecords, or a completion that is not JSON
+            raise wire.CorruptStream(f"a batch of reads: {exc}") from exc
 
     def unknown_shape(number: int) -> None:  # cannot happen unless the proxy is wrong: counted, never invented
         nonlocal unknown
@@ -580,15 +607,8 @@ def serve(inp: int = 0, out: int = 1) -> int:
 
     def handle(kind: bytes, payload: bytes) -> None:
         nonlocal received, quit_
-        if kind == wire.READ:  # (feed_reads passes reads to read() directly)
-            read(*wire.READ_BODY.unpack_from(payload), payload[wire.READ_BODY.size:].decode())
-        elif kind == wire.READ_JSON:
-            received += 1
-            number, when, stmt = wire.READ_JSON_BODY.unpack_from(payload)
-            shape = shapes.get(number)
-            if shape is None:
-                return unknown_shape(number)
-            add(shape, when, (orjson.loads(payload[wire.READ_JSON_BODY.size:]),))
+        if kind == wire.READS:
+            reads(payload)
         elif kind == wire.SHAPE:
             number, head_len = wire.SHAPE_BODY.unpack_from(payload)
             rest = payload[wire.SHAPE_BODY.size:]
@@ -618,7 +638,8 @@ def serve(inp: int = 0, out: int = 1) -> int:
                 if not data:
                     log.warning("ledger: the proxy is gone; committing what it sent")
                     break
-                reader.feed_reads(data, read, handle)
+                for kind, payload in reader.feed(data):
+                    handle(kind, payload)
                 cut()
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY:

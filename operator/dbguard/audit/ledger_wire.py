@@ -2,14 +2,15 @@
 
 Every frame is a type byte, the payload's length (u32, little endian) and the payload. The proxy
 sends entries, statement shapes and reads; the writer answers with commit acknowledgements and
-its counters. Reads are the hot path: a read is one ``struct.pack`` on the event loop, naming its
-shape by number (the shape's text goes once per writer process, see ``ReadShape.wire``).
+its counters. Reads are the hot path: a batch of reads is one frame of ``audit.read_records``
+records, which name their shapes by an index into the frame's list of shape numbers (a shape's
+text goes once per writer process, see ``ReadShape.wire``).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 HEADER = struct.Struct("<cI")
 
@@ -17,8 +18,7 @@ HEADER = struct.Struct("<cI")
 CONFIG = b"C"  # JSON: the store, chain, key, settings; the first frame
 ENTRY = b"E"  # u64 request (0: nobody waits), u8 block flag, the entry's JSON
 SHAPE = b"S"  # u64 shape, u32 length of head, head, body (events.ReadShape's members)
-READ = b"R"  # u64 shape, f64 decided at (epoch seconds), u64 stmt, u64 duration µs, the command tag
-READ_JSON = b"J"  # u64 shape, f64 decided at, u64 stmt, the completion's JSON (errors, masks, several tags)
+READS = b"B"  # u32 reads, f64 earliest and latest decided at, u32 shapes, u64 each shape, the records
 FORGET = b"F"  # u64 shape: no read will name it again
 QUIT = b"Q"  # commit everything, sign the tail, exit
 
@@ -30,14 +30,11 @@ STATS = b"M"  # JSON: the writer's counters
 
 # Payload layouts, and the same with the frame header in front for one-call packing.
 ENTRY_BODY = struct.Struct("<QB")
-READ_BODY = struct.Struct("<QdQQ")
-READ_JSON_BODY = struct.Struct("<QdQ")
+READS_BODY = struct.Struct("<IddI")
 SHAPE_BODY = struct.Struct("<QI")
 ACK_BODY = struct.Struct("<QQ")
 U64 = struct.Struct("<Q")
 ENTRY_HEAD = struct.Struct("<cI" + ENTRY_BODY.format[1:])
-READ_HEAD = struct.Struct("<cI" + READ_BODY.format[1:])
-READ_JSON_HEAD = struct.Struct("<cI" + READ_JSON_BODY.format[1:])
 SHAPE_HEAD = struct.Struct("<cI" + SHAPE_BODY.format[1:])
 ACK_HEAD = struct.Struct("<cI" + ACK_BODY.format[1:])
 MAX_FRAME = 256 * 1024 * 1024  # a longer length is a corrupt stream, not a frame
@@ -57,6 +54,24 @@ def entry(request: int, block: bool, data: bytes) -> bytes:
 
 def shape(number: int, head: bytes, body: bytes) -> bytes:
     return SHAPE_HEAD.pack(SHAPE, SHAPE_BODY.size + len(head) + len(body), number, len(head)) + head + body
+
+
+def reads(count: int, earliest: float, latest: float, shapes: list[int], records: bytes | bytearray) -> bytes:
+    """A batch of ``count`` reads: their records index ``shapes`` (shape numbers)."""
+    numbers = struct.pack(f"<{len(shapes)}Q", *shapes)
+    return (HEADER.pack(READS, READS_BODY.size + len(numbers) + len(records))
+            + READS_BODY.pack(count, earliest, latest, len(shapes)) + numbers + records)
+
+
+def reads_of(payload: bytes) -> tuple[int, float, float, tuple[int, ...], bytes]:
+    """A READS payload: (count, earliest, latest, shape numbers, records)."""
+    if len(payload) < READS_BODY.size:
+        raise CorruptStream(f"a batch of reads of {len(payload)} bytes")
+    count, earliest, latest, nshapes = READS_BODY.unpack_from(payload)
+    start = READS_BODY.size + 8 * nshapes
+    if len(payload) < start:
+        raise CorruptStream(f"a batch of reads naming {nshapes} shapes in {len(payload)} bytes")
+    return count, earliest, latest, struct.unpack_from(f"<{nshapes}Q", payload, READS_BODY.size), payload[start:]
 
 
 def forget(number: int) -> bytes:
@@ -92,31 +107,4 @@ class FrameReader:
                 pos = start + length
         finally:
             view.release()
-            del buf[:pos]
-
-    def feed_reads(self, data: bytes, read: Callable[[int, float, int, int, str], object],
-                   other: Callable[[bytes, bytes], object]) -> None:
-        """Like ``feed``, for the writer's side: READ frames go to ``read(shape, when, stmt,
-        duration, tag)`` unpacked in place (no payload copy: reads are nearly every frame), every
-        other frame to ``other(type, payload)``."""
-        buf = self._buf
-        buf += data
-        pos, end = 0, len(buf)
-        header, body, size, fixed = HEADER.unpack_from, READ_BODY.unpack_from, HEADER.size, READ_BODY.size
-        try:
-            while end - pos >= size:
-                kind, length = header(buf, pos)
-                if length > MAX_FRAME:
-                    raise CorruptStream(f"a frame of {length} bytes")
-                start = pos + size
-                if end - start < length:
-                    break
-                pos = start + length
-                if kind == READ:
-                    if length < fixed:
-                        raise CorruptStream(f"a read of {length} bytes")
-                    read(*body(buf, start), buf[start + fixed:pos].decode())
-                else:
-                    other(kind, bytes(buf[start:pos]))
-        finally:
             del buf[:pos]

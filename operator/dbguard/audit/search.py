@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import sqlite3
 from typing import Any
 
 import orjson
+
+from dbguard.audit import read_records
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,18 +160,24 @@ def _expand(conn: Any, chain: str, seq: int, data: bytes, q: Query) -> list[dict
 def block_reads(block: dict[str, Any]) -> list[dict[str, Any]]:
     """The reads a block entry (kind ``reads``) holds, in order, each as the decision event it was.
 
-    Two formats: the first kept every read whole (``entries``); the current one keeps each distinct
-    shape once (``shapes``: ``[{session members}, {statement members}]``) and per read ``[shape,
-    microseconds into the block's minute, {completion}]``, or ``[shape, microseconds, stmt,
-    duration in µs, tag]`` for a read that ran with one tag (status ok, rows from the tag), or the
-    read itself for a read appended whole (see writer.Blocks).
+    Three formats: the first kept every read whole (``entries``); the others keep each distinct
+    shape once (``shapes``: ``[{session members},{statement members}]``). The writer process
+    stores a batch of reads as the proxy packed them (``packed``: base64 ``audit.read_records``).
+    Otherwise each read is ``[shape, microseconds into the block's minute, {completion}]``, or
+    ``[shape, microseconds, stmt, duration in µs, tag]`` for a read that ran with one tag (status
+    ok, rows from the tag), or the read itself for a read appended whole (see writer.Blocks).
     """
     if "entries" in block:
         return block["entries"]
     minute = block.get("time", "")[:17]  # "2026-11-24T02:13:": every read of a block is in its minute
     shapes = block.get("shapes") or ()
+    if "packed" in block:
+        items: Any = ([index, round(when * 1e6) % 60_000_000, *((stmt, duration, tail) if type(tail) is str else (tail,))]
+                      for index, when, stmt, duration, tail in read_records.records(base64.b64decode(block["packed"])))
+    else:
+        items = block.get("reads") or ()
     out = []
-    for item in block.get("reads") or ():
+    for item in items:
         if isinstance(item, dict):
             out.append(item)
             continue

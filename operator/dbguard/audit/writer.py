@@ -11,6 +11,7 @@ the writer falls idle and at shutdown.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -169,8 +170,9 @@ def shape_touches(shape: Any) -> list[tuple[str, str, str, str]]:
 
 class Blocks:
     """Reads of one minute, at most ``BLOCK_MAX``, as one entry: ``{"kind":"reads","time":..,
-    "count":..,"shapes":[..],"reads":[..]}`` (the one place that writes this format; the writer
-    process feeds it as frames arrive, ``_records`` as reads leave the queue).
+    "count":..,"shapes":[..],"reads":[..]}`` (the one place that writes this format: ``_records``
+    feeds it as reads leave the in-process writer's queue, and the writer process the batches it
+    cannot store packed as they came, see ``packed_block``).
 
     ``shapes`` holds each distinct ``[{session members},{statement members}]`` once; a read that
     ran and returned one command tag with no error and nothing masked is ``[shape, microseconds
@@ -244,6 +246,26 @@ class Blocks:
                                 "block_touches": list(self.touches)}, len(rows))
         self._reset()
         return done
+
+
+def packed_block(shapes: list[Any], earliest: float, count: int, records: bytes) -> Built:
+    """A batch of ``count`` reads of one minute, decided at ``earliest`` or later, as one entry
+    that keeps the proxy's ``audit.read_records`` as they came: ``{"kind":"reads","time":..,
+    "count":..,"shapes":[..],"packed":"<base64 records>"}``. The writer process stores a batch
+    without touching its reads; ``search.block_reads`` expands them."""
+    iso = iso_time(datetime.datetime.fromtimestamp(round(earliest * 1e6) / 1e6, datetime.UTC))
+    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % count
+            + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in shapes])
+            + b'],"packed":"' + base64.b64encode(records) + b'"}')
+    touched: dict[tuple[str, str, str, str], None] = {}
+    for shape in shapes:
+        touched.update(dict.fromkeys(shape_touches(shape)))
+    return Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(touched)}, count)
+
+
+def same_minute(earliest: float, latest: float) -> bool:
+    """Whether reads decided between the two times (epoch seconds) can share a block."""
+    return round(earliest * 1e6) // 60_000_000 == round(latest * 1e6) // 60_000_000
 
 
 def _completion(tail: list[Any]) -> bytes:

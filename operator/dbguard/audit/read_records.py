@@ -1,0 +1,60 @@
+"""The binary records of reads in a packed block entry. Pure: no I/O.
+
+The proxy packs each read it sends to its ledger writer process as one record, and the writer
+stores a batch's records as they came (base64 in the block's ``packed`` member): the writer does
+no work per read. ``search.block_reads`` turns them back into decision events.
+
+A record is ``RECORD`` (the read's shape as an index into the block's ``shapes``, the time it
+was decided in epoch seconds, its statement number, its duration in µs, and a tag length),
+followed by the tag (ASCII, at most ``MAX_TAG`` bytes) for a read that ran with one command tag,
+no error, nothing masked and a duration under ``MAX_DURATION``, or, when the length byte is
+``WHOLE``, by a u32 length and the read's completion as JSON (errors, masked columns, several
+tags, not executed, longer than 71 minutes). A batch names at most ``MAX_SHAPES`` shapes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+RECORD = struct.Struct("<HdQIB")  # 23 bytes
+WHOLE = 255  # the length byte of a record whose completion follows as JSON
+MAX_TAG = WHOLE - 1
+MAX_DURATION = 2**32 - 1  # µs
+MAX_SHAPES = 2**16
+LENGTH = struct.Struct("<I")
+
+
+class CorruptRecords(ValueError):
+    """The bytes do not hold whole read records."""
+
+
+def whole(index: int, when: float, stmt: int, completion: bytes) -> bytes:
+    """The record of a read whose completion is kept as JSON."""
+    return RECORD.pack(index, when, stmt, 0, WHOLE) + LENGTH.pack(len(completion)) + completion
+
+
+def records(data: bytes) -> Iterator[tuple[int, float, int, int, str | dict[str, Any]]]:
+    """(shape index, decided at, stmt, duration µs, tag or completion) for each record."""
+    pos, end, fixed, unpack = 0, len(data), RECORD.size, RECORD.unpack_from
+    while pos < end:
+        if end - pos < fixed:
+            raise CorruptRecords(f"{end - pos} bytes at offset {pos} are not a read record")
+        index, when, stmt, duration, length = unpack(data, pos)
+        pos += fixed
+        if length == WHOLE:
+            if end - pos < LENGTH.size:
+                raise CorruptRecords(f"a completion's length is cut off at offset {pos}")
+            (length,) = LENGTH.unpack_from(data, pos)
+            pos += LENGTH.size
+            if end - pos < length:
+                raise CorruptRecords(f"a completion of {length} bytes is cut off at offset {pos}")
+            yield index, when, stmt, duration, orjson.loads(data[pos:pos + length])
+        else:
+            if end - pos < length:
+                raise CorruptRecords(f"a tag of {length} bytes is cut off at offset {pos}")
+            yield index, when, stmt, duration, data[pos:pos + length].decode("ascii")
+        pos += length
