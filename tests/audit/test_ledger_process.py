@@ -17,7 +17,7 @@ import orjson
 import psycopg
 import pytest
 
-from dbguard.audit import ledger, search, sqlite_sink
+from dbguard.audit import ledger, read_records, search, sqlite_sink
 from dbguard.audit import ledger_wire as wire
 from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.ledger_process import LedgerProcess, LedgerStartError
@@ -296,3 +296,66 @@ def test_two_ledgers_in_one_process_each_learn_a_shape(tmp_path):
     assert (first.dropped, second.dropped) == (0, 0)
     for name in ("a", "b"):
         assert sqlite3.connect(tmp_path / f"{name}.db").execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+
+
+def _writer_fed(db, frames: list[bytes], *, with_config: bool = False) -> tuple[int, bytes]:
+    """A writer process started by hand and fed ``frames`` once it is ready (or in one write with
+    its configuration): (status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        config = wire.frame(wire.CONFIG, orjson.dumps({"store": "sqlite", "target": str(db), "chain": "c"}))
+        if not with_config:
+            proc.stdin.write(config)
+            proc.stdin.flush()
+            assert list(wire.FrameReader().feed(proc.stdout.read(wire.HEADER.size))) == [(wire.READY, b"")]
+        with contextlib.suppress(BrokenPipeError):  # it may stop reading at a corrupt frame
+            proc.stdin.write((config if with_config else b"") + b"".join(frames))
+            proc.stdin.close()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return proc.returncode, err
+
+
+T0 = 1764124800.25  # 2025-11-26T02:40:00.25Z
+SHAPES = [wire.shape(number, b'"session":"s","identity":{"user":"u"}',
+                     b'"statement":"SELECT a FROM t","statements":[{"actions":[{"operation":"SELECT","name":"t"}]}]')
+          for number in (7, 8)]
+
+
+def _record(index: int, when: float, stmt: int, tag: bytes, length: int | None = None) -> bytes:
+    return read_records.RECORD.pack(index, when, stmt, 5, len(tag) if length is None else length) + tag
+
+
+@pytest.mark.parametrize("batch", [
+    # two records, the frame says three
+    wire.reads(3, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 1, 2, b"SELECT 1")),
+    # a tag cut off by the end of the frame
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 1, 2, b"SELECT 1", 40)),
+    # a record naming a shape past the frame's list of shapes
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(5, T0 + 1, 2, b"SELECT 1")),
+    # a tag that is not ASCII
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 1, 2, "SÉLECT 1".encode())),
+    # a completion that is not a JSON object
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + read_records.whole(1, T0 + 1, 2, b"[1, 2")),
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + read_records.whole(1, T0 + 1, 2, b'"ok"')),
+    # a read decided outside the frame's earliest..latest: its block's minute would be wrong
+    wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 3600, 2, b"SELECT 1")),
+], ids=["count", "cut-tag", "shape-index", "non-ascii", "bad-json", "json-not-object", "time"])
+def test_a_batch_of_corrupt_read_records_is_refused_not_stored(tmp_path, batch):
+    """The writer stores a batch of one minute as it came: records that do not hold what the frame
+    says must be refused as a corrupt stream, not chained into a block that cannot be read back
+    (or reads back as other reads than the proxy's)."""
+    db = tmp_path / "l.db"
+    status, err = _writer_fed(db, [wire.entry(0, False, entry(1)), *SHAPES, batch])
+    assert status == 0 and b"stream from the proxy is corrupt" in err, err
+    assert b"Traceback" not in err, err
+    conn = sqlite3.connect(db)
+    kinds = [kind for (kind,) in conn.execute("SELECT kind FROM entries ORDER BY id")]
+    assert kinds == ["decision"]  # what came before the corrupt batch, and nothing of it
+    assert ledger.verify(sqlite_sink.read_rows(conn)).ok

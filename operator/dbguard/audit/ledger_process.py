@@ -581,6 +581,10 @@ def serve(inp: int = 0, out: int = 1) -> int:
     def reads(payload: bytes) -> None:
         nonlocal received
         count, earliest, latest, numbers, records = wire.reads_of(payload)
+        try:  # what a packed block keeps unread must read back as what the proxy sent
+            read_records.check(records, count, len(numbers), earliest, latest)
+        except ValueError as exc:
+            raise wire.CorruptStream(f"a batch of reads: {exc}") from exc
         received += count
         known = [shapes.get(number) for number in numbers]
         if 1 < count <= BLOCK_MAX and same_minute(earliest, latest) and None not in known:

@@ -37,6 +37,38 @@ def whole(index: int, when: float, stmt: int, completion: bytes) -> bytes:
     return RECORD.pack(index, when, stmt, 0, WHOLE) + LENGTH.pack(len(completion)) + completion
 
 
+def check(data: bytes, count: int, shapes: int, earliest: float, latest: float) -> None:
+    """Raise ``CorruptRecords`` unless ``data`` is exactly ``count`` whole records, each naming one
+    of ``shapes`` shapes, decided between ``earliest`` and ``latest``, with an ASCII tag or a JSON
+    object: what a block that keeps the records as they came must hold to read back as they were."""
+    pos, end, n, unpack, length_of, loads = 0, len(data), 0, RECORD.unpack_from, LENGTH.unpack_from, orjson.loads
+    fixed = RECORD.size
+    while pos < end:
+        if end - pos < fixed:
+            raise CorruptRecords(f"{end - pos} bytes at offset {pos} are not a read record")
+        index, when, _, _, length = unpack(data, pos)
+        if index >= shapes:
+            raise CorruptRecords(f"a read at offset {pos} names shape {index} of {shapes}")
+        if not earliest <= when <= latest:
+            raise CorruptRecords(f"a read at offset {pos} was decided at {when}, not in {earliest}..{latest}")
+        pos += fixed
+        if length == WHOLE:
+            if end - pos < LENGTH.size:
+                raise CorruptRecords(f"a completion's length is cut off at offset {pos}")
+            (length,) = length_of(data, pos)
+            pos += LENGTH.size
+            if end - pos < length:
+                raise CorruptRecords(f"a completion of {length} bytes is cut off at offset {pos}")
+            if type(loads(data[pos:pos + length])) is not dict:  # (orjson.JSONDecodeError is a ValueError)
+                raise CorruptRecords(f"the completion at offset {pos} is not a JSON object")
+        elif end - pos < length or not data[pos:pos + length].isascii():
+            raise CorruptRecords(f"the tag of {length} bytes at offset {pos} is cut off or not ASCII")
+        pos += length
+        n += 1
+    if n != count:
+        raise CorruptRecords(f"{n} read records where the batch says {count}")
+
+
 def records(data: bytes) -> Iterator[tuple[int, float, int, int, str | dict[str, Any]]]:
     """(shape index, decided at, stmt, duration µs, tag or completion) for each record."""
     pos, end, fixed, unpack = 0, len(data), RECORD.size, RECORD.unpack_from
