@@ -359,3 +359,14 @@ def test_a_batch_of_corrupt_read_records_is_refused_not_stored(tmp_path, batch):
     kinds = [kind for (kind,) in conn.execute("SELECT kind FROM entries ORDER BY id")]
     assert kinds == ["decision"]  # what came before the corrupt batch, and nothing of it
     assert ledger.verify(sqlite_sink.read_rows(conn)).ok
+
+
+def test_a_corrupt_frame_that_came_with_the_configuration_is_refused_like_any_other(tmp_path):
+    """Frames read together with the configuration are handled before the main loop: a corrupt one
+    must still be the corrupt stream it is (logged, what came before it committed), not a traceback."""
+    db = tmp_path / "l.db"
+    bad = wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(5, T0 + 1, 2, b"SELECT 1"))
+    status, err = _writer_fed(db, [wire.entry(0, False, entry(1)), *SHAPES, bad], with_config=True)
+    assert b"Traceback" not in err, err
+    assert status == 0 and b"stream from the proxy is corrupt" in err, err
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 1

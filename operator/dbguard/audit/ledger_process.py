@@ -631,10 +631,10 @@ def serve(inp: int = 0, out: int = 1) -> int:
         else:
             raise wire.CorruptStream(f"unknown frame type {kind!r}")
 
-    for kind, payload in pending:
-        handle(kind, payload)
     last_stats, last_report = 0.0, b""
     try:
+        for kind, payload in pending:
+            handle(kind, payload)
         while not quit_:
             ready, _, _ = select.select([inp], [], [], STATS_EVERY)
             if ready:
