@@ -64,8 +64,12 @@ def test_read_records_come_back_as_packed_and_a_cut_record_is_refused(reads, cut
     packed = [read_records.RECORD.pack(i, t, s, d, len(tag)) + tag.encode() for i, t, s, d, tag in reads]
     data = b"".join(packed)
     assert list(read_records.records(data)) == reads
+    times = [t for _, t, _, _, _ in reads] or [0.0]
+    read_records.check(data, len(reads), read_records.MAX_SHAPES, min(times), max(times))  # what the writer stores
     boundaries = {sum(map(len, packed[:n])) for n in range(len(packed) + 1)}
     inside = [n for n in range(len(data)) if n not in boundaries]
     if inside:
         with pytest.raises(read_records.CorruptRecords):
             list(read_records.records(data[:inside[cut % len(inside)]]))
+        with pytest.raises(read_records.CorruptRecords):
+            read_records.check(data[:inside[cut % len(inside)]], len(reads), read_records.MAX_SHAPES, 0.0, 4e9)
