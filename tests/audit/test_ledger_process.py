@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import math
 import os
 import signal
 import sqlite3
@@ -346,7 +347,10 @@ def _record(index: int, when: float, stmt: int, tag: bytes, length: int | None =
     wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + read_records.whole(1, T0 + 1, 2, b'"ok"')),
     # a read decided outside the frame's earliest..latest: its block's minute would be wrong
     wire.reads(2, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 3600, 2, b"SELECT 1")),
-], ids=["count", "cut-tag", "shape-index", "non-ascii", "bad-json", "json-not-object", "time"])
+    # times no datetime holds (the writer died with a traceback, committing nothing)
+    wire.reads(2, -math.inf, math.inf, [7, 8], _record(0, -math.inf, 1, b"SELECT 1") + _record(1, math.inf, 2, b"")),
+    wire.reads(2, 1e15, 1e15, [7, 8], _record(0, 1e15, 1, b"SELECT 1") + _record(1, 1e15, 2, b"SELECT 1")),
+], ids=["count", "cut-tag", "shape-index", "non-ascii", "bad-json", "json-not-object", "time", "infinite", "year"])
 def test_a_batch_of_corrupt_read_records_is_refused_not_stored(tmp_path, batch):
     """The writer stores a batch of one minute as it came: records that do not hold what the frame
     says must be refused as a corrupt stream, not chained into a block that cannot be read back

@@ -26,6 +26,7 @@ MAX_TAG = WHOLE - 1
 MAX_DURATION = 2**32 - 1  # µs
 MAX_SHAPES = 2**16
 LENGTH = struct.Struct("<I")
+MAX_TIME = 2.0**33  # epoch seconds (the year 2242): an f64 holds times to the µs below it
 
 
 class CorruptRecords(ValueError):
@@ -43,6 +44,8 @@ def check(data: bytes, count: int, shapes: int, earliest: float, latest: float) 
     object: what a block that keeps the records as they came must hold to read back as they were."""
     pos, end, n, unpack, length_of, loads = 0, len(data), 0, RECORD.unpack_from, LENGTH.unpack_from, orjson.loads
     fixed = RECORD.size
+    if not 0.0 <= earliest <= latest < MAX_TIME:
+        raise CorruptRecords(f"a batch of reads decided from {earliest} to {latest}")
     while pos < end:
         if end - pos < fixed:
             raise CorruptRecords(f"{end - pos} bytes at offset {pos} are not a read record")
