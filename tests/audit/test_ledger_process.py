@@ -374,3 +374,33 @@ def test_a_corrupt_frame_that_came_with_the_configuration_is_refused_like_any_ot
     assert b"Traceback" not in err, err
     assert status == 0 and b"stream from the proxy is corrupt" in err, err
     assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+
+
+def test_a_long_read_whose_tag_holds_a_control_character_is_stored_as_valid_json(tmp_path):
+    """A read that ran longer than a record's µs hold keeps its completion whole, as ``json()``
+    writes it: a tag with a control character (the server's text) must still make JSON, or the
+    writer refuses the batch (and the proxy loses what was queued with it)."""
+    from dbguard.session.completions import Pending
+
+    path = str(tmp_path / "l.db")
+    writer = LedgerProcess({"store": "sqlite", "target": path, "chain": "c1", "key": None}, name="t")
+    shape = ReadShape(b'"session":"s","identity":{"user":"u"}', b'"statement":"SELECT 1","statements":[]')
+    now = datetime.datetime(2026, 11, 24, 2, 13, 10, tzinfo=datetime.UTC)
+    expected = []
+
+    async def on_a_loop() -> None:
+        for stmt, tag, seconds in ((1, "SELECT\t1", 5000.0), (2, "SELECT 1", 0.5)):
+            p = Pending(stmt, 1, False, (now, shape))
+            p.tags, p.closed, p.started, p.ended = [tag], True, 10.0, 10.0 + seconds
+            expected.append({"time": "2026-11-24T02:13:10.000000+00:00", "kind": "decision", "session": "s",
+                             "identity": {"user": "u"}, "stmt": stmt, "statement": "SELECT 1", "statements": [],
+                             "completion": p.fields()})
+            writer.append_read(p)
+        await asyncio.sleep(READ_LINGER * 4)
+
+    asyncio.run(on_a_loop())
+    writer.close()
+    assert writer.dropped == 0 and writer.restarts == 0
+    got = [r for (data,) in sqlite3.connect(path).execute("SELECT data FROM entries ORDER BY id")
+           for r in search.block_reads(orjson.loads(data))]
+    assert got == expected

@@ -63,7 +63,7 @@ class Pending:
         """``fields()`` as JSON; the common case (one tag, no error, nothing masked) without a dict."""
         tags = self.tags
         if len(tags) == 1 and self.closed and self.error is None and not self.masked and tags[0].isascii() \
-                and '"' not in tags[0] and "\\" not in tags[0]:
+                and tags[0].isprintable() and '"' not in tags[0] and "\\" not in tags[0]:  # (JSON: no control chars)
             end = self.ended or time.monotonic()
             last = tags[0].rpartition(" ")[2]
             return b'{"stmt":%d,"duration_ms":%.3f,"tags":["%s"],"rows":%d,"status":"ok"}' % (
