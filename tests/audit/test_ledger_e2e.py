@@ -235,3 +235,27 @@ def test_reads_are_chained_in_blocks_and_search_finds_each_one(pg: Postgres, tmp
     conn.commit()
     r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
     assert r.returncode == 1 and "altered" in r.stdout
+
+
+def test_transaction_control_is_recorded_like_a_read_and_writes_stay_durable(pg: Postgres, tmp_path, keys):
+    """BEGIN and COMMIT change no data: their decisions are written with their completions, after
+    the fact, as reads are (docs/ledger.md), while the UPDATE between them waits for its commit and
+    gets its completion as an entry of its own."""
+    priv, _ = keys
+    proxy, db = ledger_proxy(pg, tmp_path, priv)
+    try:
+        with psycopg.connect(proxy.dsn("bob")) as conn:  # psycopg sends BEGIN, then COMMIT on leaving
+            conn.execute("UPDATE orders SET status = status WHERE id = 1")
+    finally:
+        proxy.stop()
+    conn = sqlite3.connect(db)
+    events = [orjson.loads(d) for (d,) in conn.execute("SELECT data FROM entries WHERE kind IN ('decision', "
+                                                       "'completion') ORDER BY id")]
+    decisions = {e["statement"]: e for e in events if e["kind"] == "decision"}
+    assert set(decisions) >= {"BEGIN", "COMMIT", "UPDATE orders SET status = status WHERE id = $1"}, list(decisions)
+    for control in ("BEGIN", "COMMIT"):
+        assert decisions[control]["completion"]["status"] == "ok"  # written once it ran: not durable first
+    update = decisions["UPDATE orders SET status = status WHERE id = $1"]
+    assert "completion" not in update  # durable before it ran; its outcome follows on its own
+    completions = [e["completion"] for e in events if e["kind"] == "completion"]
+    assert [c["stmt"] for c in completions] == [update["stmt"]] and completions[0]["rows"] == 1

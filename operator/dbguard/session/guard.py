@@ -100,13 +100,15 @@ class Verdict:
 _READ_FUNCTIONS = frozenset({"count", "sum", "avg", "min", "max", "now", "lower", "upper", "coalesce", "length",
                              "abs", "round", "date_trunc", "current_date", "version", "current_setting"})
 # TransactionStmt: BEGIN/COMMIT/ROLLBACK/SAVEPOINT change no data by themselves; the writes they
-# commit were recorded durably before they ran.
+# commit were recorded durably before they ran. (They carry the transaction_control flag, which
+# alone does not make a statement a write.)
 _READ_KINDS = frozenset({"SelectStmt", "VariableShowStmt", "TransactionStmt"})
+_READ_FLAGS = ((), (F.Flag.TRANSACTION_CONTROL,))
 
 
 def read_only(f: F.StatementFacts) -> bool:
     """A statement that only reads: its ledger entry may be written after the fact (non-durable)."""
-    return (f.kind in _READ_KINDS and not f.flags and all(a.operation == "SELECT" for a in f.actions)
+    return (f.kind in _READ_KINDS and f.flags in _READ_FLAGS and all(a.operation == "SELECT" for a in f.actions)
             and all(fn.rsplit(".", 1)[-1] in _READ_FUNCTIONS for fn in f.functions))
 
 
