@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import orjson
 import psycopg
@@ -404,3 +405,120 @@ def test_a_long_read_whose_tag_holds_a_control_character_is_stored_as_valid_json
     got = [r for (data,) in sqlite3.connect(path).execute("SELECT data FROM entries ORDER BY id")
            for r in search.block_reads(orjson.loads(data))]
     assert got == expected
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the callbacks other threads hand it (call_soon_threadsafe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[str] = []
+
+    def call_soon_threadsafe(self, callback, *args, context=None):  # noqa: ANN001, ANN201
+        if not self.is_running() or threading.get_ident() != self._thread_id:
+            self.handed.append(getattr(callback, "__qualname__", repr(callback)))
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+def switches(thread: threading.Thread) -> int:
+    """How often ``thread`` was woken (its voluntary context switches)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def ack_thread() -> threading.Thread:
+    return next(t for t in threading.enumerate() if t.name == "dbguard-ledger-acks")
+
+
+def test_acknowledgements_are_read_and_settled_on_the_event_loop(tmp_path):
+    """Durable writes from an event loop: their acknowledgements are read by the loop itself and
+    their futures set there, with no hop from another thread, while the acks thread sleeps."""
+    db = tmp_path / "l.db"
+    ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+    thread = ack_thread()
+    assert ledger.append(entry(0), durable=True).result(10) == 1  # from a plain thread: the thread reads
+    seen: list[tuple[int, int]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert await ledger.append(entry(1), durable=True) == 2  # the loop takes the answers over
+        before_switches, before_handed = switches(thread), len(loop.handed)
+        for i in range(300):
+            future = ledger.append(entry(i + 2), durable=True)
+            future.add_done_callback(lambda f: seen.append((threading.get_ident(), f.result())))
+            if i % 3 == 0:
+                frames = sys._current_frames()[thread.ident]  # noqa: SLF001
+                assert "_read_some" not in repr(traceback.extract_stack(frames)), "the thread reads"
+            await future
+        # 300 acknowledgements (and their STATS): the thread woke for its 0.5 s checks at most,
+        # and no settling was handed to the loop from another thread.
+        assert switches(thread) - before_switches < 20
+        assert loop.handed[before_handed:] == []
+        assert seen == [(threading.get_ident(), i + 3) for i in range(300)]
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        runner.run(main())
+    # The loop is gone: a plain thread's durable write is read by the thread again, and close too.
+    assert ledger.append(entry(302), durable=True).result(10) == 303
+    ledger.close()
+    assert ledger._proc.poll() == 0
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 303
+
+
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_writer_killed_under_durable_writes_from_a_loop(tmp_path):
+    """SIGKILL while durable writes from a running loop are in flight, with acknowledgements still
+    unread in the pipe: those resolve with their sequence numbers, the unacknowledged fail with
+    LedgerUnavailable, a new writer starts and the loop reads its acknowledgements."""
+    from dbguard.audit.writer import LedgerUnavailable
+
+    db = tmp_path / "l.db"
+    ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+    conn = sqlite3.connect(db)
+
+    def stored() -> int:
+        return conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert await ledger.append(entry(0), durable=True) == 1
+        first = ledger._proc.pid
+        # Without returning to the loop: 60 writes committed and acknowledged into the pipe (it
+        # holds them with their STATS frames)
+        # (the loop cannot read them yet), then 100 the stopped writer never reads, then SIGKILL.
+        acked = [ledger.append(entry(i), durable=True) for i in range(1, 61)]
+        wait_until(lambda: stored() == 61, timeout=30, what="the writer to commit")
+        time.sleep(0.3)  # its acknowledgements written
+        os.kill(first, signal.SIGSTOP)
+        wait_until(lambda: stopped(first), timeout=10, what="the writer to stop")
+        lost = [ledger.append(entry(i), durable=True) for i in range(61, 161)]
+        os.kill(first, signal.SIGKILL)
+        results = await asyncio.gather(*acked, return_exceptions=True)
+        assert results == list(range(2, 62))
+        failures = await asyncio.gather(*lost, return_exceptions=True)
+        assert all(isinstance(r, LedgerUnavailable) for r in failures), failures
+        wait_start = time.monotonic()
+        while not (ledger.restarts == 1 and not ledger.last_failed):
+            assert time.monotonic() - wait_start < 30, "no new writer"
+            await asyncio.sleep(0.05)
+        assert ledger._proc.pid != first and ledger._proc.poll() is None
+        handed = len(loop.handed)
+        later = [await ledger.append(entry(i), durable=True) for i in range(161, 211)]
+        assert later == list(range(62, 112))
+        assert loop.handed[handed:] == []  # the new writer's answers are read on the loop again
+        assert ledger._ack_loop is loop
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        runner.run(main())
+    ledger.close()
+    assert stored() == 111
+    assert ledger.dropped == 100
+    assert ledger_verifies(conn)
+
+
+def ledger_verifies(conn: sqlite3.Connection) -> bool:
+    return ledger.verify(sqlite_sink.read_rows(conn)).ok

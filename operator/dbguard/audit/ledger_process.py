@@ -78,8 +78,23 @@ class LedgerStartError(Exception):
     """The writer process could not open the store or take its chain's lock."""
 
 
+def _usable(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` runs its callbacks (a reader on it reads)."""
+    return loop.is_running() and not loop.is_closed()
+
+
 class LedgerProcess:
-    """The proxy's side: frames to the writer process, acknowledgements back (a reader thread)."""
+    """The proxy's side: frames to the writer process, acknowledgements back.
+
+    The writer's answers (ACK and STATS frames on its stdout) are read on the event loop that
+    writes durable entries (``add_reader``), which settles their futures directly: a thread that
+    read them would contend for the GIL with the loop at every acknowledgement. The thread
+    ``dbguard-ledger-acks`` reads them while no loop does (before one is known, from plain threads,
+    while ``close()`` runs, once the loop stopped) and does the blocking work of a writer's death:
+    it waits for it and starts the next. Whoever reads holds ``_ack_lock`` while reading, and
+    ``_ack_loop`` names who may (a loop, or None: the thread), so two never read the pipe at once
+    and a hand-over keeps a partial frame (``_frames``) for the next reader.
+    """
 
     def __init__(self, config: dict[str, Any], *, name: str) -> None:
         self.name = name
@@ -102,6 +117,13 @@ class LedgerProcess:
         self._latency_base = Buckets(LEDGER_BUCKETS)
         self.restarts = 0
         self._down_error = ""
+        self._ack_lock = threading.Lock()  # held while the writer's answers are read (see the class)
+        self._ack_cond = threading.Condition(self._ack_lock)
+        self._ack_loop: asyncio.AbstractEventLoop | None = None  # the loop that reads them; None: the thread
+        self._watching: tuple[asyncio.AbstractEventLoop, int] | None = None  # (loop, fd) of an add_reader
+        self._rfd = -1  # the writer's stdout, non-blocking; closed once no loop watches it
+        self._frames = wire.FrameReader()
+        self._eof = False  # the current writer's answers ended (it died, or answered nonsense)
         self._start()
         self._reader = threading.Thread(target=self._read_acks, name="dbguard-ledger-acks", daemon=True)
         self._reader.start()
@@ -167,63 +189,181 @@ class LedgerProcess:
             proc.wait()
             raise LedgerStartError(orjson.loads(payload).get("message", "the ledger writer failed")
                                    if kind == wire.FAILED else "the ledger writer answered nonsense")
-        # Ours alone (``_retire`` closes it): were it proc.stdin's, that file object would close the
-        # number again when the Popen goes, by then perhaps a client's socket.
+        # Ours alone (``_retire`` and ``_close_rfd`` close them): were they proc.stdin's and
+        # proc.stdout's, those file objects would close the numbers again when the Popen goes, by
+        # then perhaps a client's socket (or a descriptor an event loop still watches).
         fd = os.dup(proc.stdin.fileno())
         proc.stdin.close()
         proc.stdin = None
+        rfd = os.dup(proc.stdout.fileno())
+        proc.stdout.close()
+        proc.stdout = None
+        os.set_blocking(rfd, False)
         with contextlib.suppress(OSError):  # F_SETPIPE_SZ: a larger pipe rides out a slow commit
             fcntl.fcntl(fd, 1031, PIPE_SIZE)
         os.set_blocking(fd, False)
+        with self._ack_lock:  # the thread reads the new writer's answers until a loop takes them
+            self._rfd, self._frames, self._eof, self._ack_loop = rfd, reader, False, None
         with self._lock:
             self._gen = next(_generations)
             self._proc, self._fd, self._child = proc, fd, {}
+        for kind, payload in frames[1:]:  # what came with READY
+            if kind == wire.STATS:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    self._child = orjson.loads(payload)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            # A restart runs on the reader thread: the loop writes what queued meanwhile, as it
-            # writes everything else, rather than this thread blocking it on the lock.
-            loop.call_soon_threadsafe(self._flush)
-        else:
-            self._flush()  # what queued while no writer ran
+            # A restart runs on the thread: the loop writes what queued meanwhile, as it writes
+            # everything else, rather than this thread blocking it on the lock, and reads the new
+            # writer's answers.
+            try:
+                loop.call_soon_threadsafe(self._restarted, loop)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self._flush()  # what queued while no writer ran
+
+    def _restarted(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._attach(loop)
+        self._flush()
+
+    # -- the writer's answers -------------------------------------------------------------------------
 
     def _read_acks(self) -> None:
-        """The reader thread: settles durable entries as the writer acknowledges them, keeps its
-        counters, and starts a new writer when one dies."""
+        """The thread: reads the writer's answers while no loop does, and starts a new writer when
+        one dies (after every answer it gave was read, by whichever reader)."""
         while True:
             proc = self._proc
-            assert proc is not None and proc.stdout is not None
-            reader = wire.FrameReader()
-            while True:
-                try:
-                    data = os.read(proc.stdout.fileno(), 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                settled: list[tuple[Waiter, int | None, str]] = []
-                try:
-                    for kind, payload in reader.feed(data):
-                        if kind == wire.ACK:
-                            request, seq = wire.ACK_BODY.unpack_from(payload)
-                            # Without the lock (dict.pop is atomic): close() holds it while it writes,
-                            # and a writer whose acknowledgements are not read stops reading its input.
-                            future = self._waiting.pop(request, None)
-                            if future is not None:
-                                settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
-                        elif kind == wire.STATS:
-                            self._child = orjson.loads(payload)
-                except Exception as exc:  # noqa: BLE001 - a writer that answers nonsense is treated as dead
-                    log.error("ledger %s: the writer's answer is corrupt (%s); starting a new one", self.name, exc)
-                    _settle(settled)
-                    proc.kill()
-                    break
-                _settle(settled)
+            assert proc is not None
+            self._read_until_end()
             proc.wait()
+            self._close_rfd()
             if self._closing:
                 return
             self._writer_died(proc)
             if self._closing:
                 return
+
+    def _read_until_end(self) -> None:
+        rfd = self._rfd
+        poller = select.poll()
+        poller.register(rfd, select.POLLIN)
+        while True:
+            with self._ack_lock:
+                while not self._eof and self._ack_loop is not None:
+                    if self._closing or not _usable(self._ack_loop):
+                        # Its loop stopped (or close() waits for the rest): read here, until a
+                        # loop takes the answers again (_attach).
+                        self._ack_loop = None
+                        break
+                    self._ack_cond.wait(0.5)
+                if self._eof:
+                    return
+            poller.poll()
+            with self._ack_lock:
+                if self._ack_loop is not None or self._eof:
+                    continue
+                settled = self._read_some()
+            _settle(settled)
+
+    def _read_some(self) -> list[tuple[Waiter, int, str]]:
+        """One read of the writer's answers (``_ack_lock`` held, by the reader it names): the
+        futures they settle, for the caller to settle once the lock is released."""
+        try:
+            data = os.read(self._rfd, 65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self._ended()
+            return []
+        settled: list[tuple[Waiter, int, str]] = []
+        try:
+            for kind, payload in self._frames.feed(data):
+                if kind == wire.ACK:
+                    request, seq = wire.ACK_BODY.unpack_from(payload)
+                    # Without self._lock (dict.pop is atomic): close() holds it while it writes,
+                    # and a writer whose acknowledgements are not read stops reading its input.
+                    future = self._waiting.pop(request, None)
+                    if future is not None:
+                        settled.append((future, seq, payload[wire.ACK_BODY.size:].decode()))
+                elif kind == wire.STATS:
+                    self._child = orjson.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - a writer that answers nonsense is treated as dead
+            log.error("ledger %s: the writer's answer is corrupt (%s); starting a new one", self.name, exc)
+            assert self._proc is not None
+            self._proc.kill()  # the thread waits for it and starts the next
+            self._ended()
+        return settled
+
+    def _ended(self) -> None:
+        """The writer's answers ended (``_ack_lock`` held): the thread takes over its death."""
+        self._eof = True
+        self._ack_loop = None
+        self._ack_cond.notify_all()
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``: read the writer's answers here from now on (add_reader)."""
+        with self._ack_lock:
+            if self._eof or self._rfd < 0 or self._closing:
+                return
+            rfd, watching = self._rfd, self._watching
+            if watching is not None:
+                if watching[0] is loop:
+                    loop.remove_reader(watching[1])
+                elif not watching[0].is_closed():
+                    return  # another loop still watches the pipe: one at a time (the thread reads)
+                self._watching = None
+            loop.add_reader(rfd, self._on_acks, loop, rfd)
+            self._watching, self._ack_loop = (loop, rfd), loop
+
+    def _on_acks(self, loop: asyncio.AbstractEventLoop, rfd: int) -> None:
+        """The loop's reader: settles durable entries as the writer acknowledges them."""
+        with self._ack_lock:
+            if self._ack_loop is not loop or rfd != self._rfd or self._eof:
+                # Not this loop's to read any more (the thread took over, or the descriptor is a
+                # dead writer's whose close waits for this loop): stop watching it.
+                loop.remove_reader(rfd)
+                if self._watching == (loop, rfd):
+                    self._watching = None
+                return
+            settled = self._read_some()
+            if self._eof:
+                loop.remove_reader(rfd)
+                self._watching = None
+        if settled:
+            _settle_on(loop, settled)
+
+    def _close_rfd(self) -> None:
+        """Close a dead writer's stdout (the thread, after its end): on the loop that watches it,
+        if one does, so that no selector keeps a number the proxy may open again."""
+        with self._ack_lock:
+            rfd, self._rfd = self._rfd, -1
+            watching = self._watching
+            if watching is not None and watching[1] == rfd:
+                self._watching = None
+            else:
+                watching = None
+        if watching is not None and not watching[0].is_closed():
+            loop = watching[0]
+
+            def unwatch() -> None:
+                loop.remove_reader(rfd)
+                os.close(rfd)
+
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: its selector is gone
+                loop.call_soon_threadsafe(unwatch)
+                return
+        with contextlib.suppress(OSError):
+            os.close(rfd)
+
+    def _reclaim(self) -> None:
+        """Read the writer's answers on the thread if the loop that reads them no longer runs."""
+        with self._ack_lock:
+            if self._ack_loop is not None and not _usable(self._ack_loop):
+                self._ack_loop = None
+                self._ack_cond.notify_all()
 
     def _writer_died(self, proc: subprocess.Popen[bytes]) -> None:
         why = f"the ledger writer process exited with status {proc.returncode}"
@@ -284,9 +424,11 @@ class LedgerProcess:
         future on an event loop, else a concurrent one)."""
         future: Waiter | None = None
         request = 0
+        loop: asyncio.AbstractEventLoop | None = None
         if durable:
             try:
-                future = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                future = loop.create_future()
             except RuntimeError:
                 future = concurrent.futures.Future()
         with self._lock:
@@ -301,6 +443,13 @@ class LedgerProcess:
                 self._pack_reads()  # the chain keeps the order things happened in
             self._buf += wire.entry(request, block, data)
             self._sent += 1
+        if durable:
+            if loop is not None:
+                if self._ack_loop is not loop:  # its acknowledgement is read here, on the loop
+                    self._loop = loop
+                    self._attach(loop)
+            elif self._ack_loop is not None:
+                self._reclaim()
         if durable or len(self._buf) >= FLUSH_AT:
             self._flush()
         elif self._timer is None:
@@ -363,6 +512,8 @@ class LedgerProcess:
             return
         self._loop = loop
         self._timer = loop.call_later(READ_LINGER, self._flush)
+        if self._ack_loop is not loop:
+            self._attach(loop)
 
     def _flush(self) -> None:
         """Write what the pipe takes; on an event loop the rest is written when it drains."""
@@ -409,6 +560,9 @@ class LedgerProcess:
         """Hand over everything, let the writer commit and sign it, and wait for it to exit."""
         self._closing = True
         deadline = time.monotonic() + timeout
+        with self._ack_lock:  # the thread reads the rest: the loop may have stopped, or wait for this call
+            self._ack_loop = None
+            self._ack_cond.notify_all()
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
@@ -432,6 +586,22 @@ class LedgerProcess:
             self._fd = -1
             self._down_error = "the ledger is closed"
         resolve_waiters([(f, None) for f in waiting.values()], LedgerUnavailable("the ledger closed before the commit"))
+
+
+def _settle_on(loop: asyncio.AbstractEventLoop, settled: list[tuple[Waiter, int, str]]) -> None:
+    """On ``loop``: its futures are set here and now, others as ``_settle`` does."""
+    others: list[tuple[Waiter, int | None, str]] = []
+    for future, seq, error in settled:
+        if isinstance(future, asyncio.Future) and future.get_loop() is loop:
+            if not future.done():
+                if seq:
+                    future.set_result(seq)
+                else:
+                    future.set_exception(LedgerUnavailable(error))
+        else:
+            others.append((future, seq, error))
+    if others:
+        _settle(others)
 
 
 def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:
