@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import math
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -583,3 +584,29 @@ def test_acknowledgements_move_between_a_stopped_loop_and_plain_threads(tmp_path
     finally:
         loop.close()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 104
+
+
+def test_a_writer_restarts_when_the_proxy_holds_more_than_1024_descriptors(tmp_path):
+    """A proxy with a thousand clients holds descriptors past 1024, where select.select() raises:
+    the start of a new writer after one died must not depend on it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit of open files is {hard}: no descriptor can pass 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what clients would hold
+    try:
+        db = tmp_path / "l.db"
+        ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+        try:
+            assert ledger.append(entry(1), durable=True).result(10) == 1
+            os.kill(ledger._proc.pid, signal.SIGKILL)
+            wait_until(lambda: ledger.restarts == 1 and ledger._fd >= 0, timeout=20, what="a new writer")
+            assert ledger.append(entry(2), durable=True).result(10) == 2
+            assert ledger._fd > 1024
+        finally:
+            ledger.close()
+        assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 2
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

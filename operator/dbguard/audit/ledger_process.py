@@ -171,8 +171,10 @@ class LedgerProcess:
             proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps(config)))
             proc.stdin.flush()
             reader, deadline = wire.FrameReader(), time.monotonic() + START_TIMEOUT
+            answers = select.poll()  # (not select.select: a busy proxy's descriptors pass 1024)
+            answers.register(proc.stdout.fileno(), select.POLLIN)
             while True:
-                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                ready = answers.poll(max(0.0, deadline - time.monotonic()) * 1000)
                 data = os.read(proc.stdout.fileno(), 65536) if ready else b""
                 if not data:
                     raise LedgerStartError("the ledger writer process exited while starting (see its log above)"
@@ -547,8 +549,10 @@ class LedgerProcess:
 
     def _write_all(self, deadline: float) -> None:
         """Off the event loop (closing, tests): wait until the pipe took the buffer (lock held)."""
+        writable = select.poll()
+        writable.register(self._fd, select.POLLOUT)
         while self._buf and self._fd >= 0 and time.monotonic() < deadline:
-            select.select([], [self._fd], [], max(0.0, deadline - time.monotonic()))
+            writable.poll(max(0.0, deadline - time.monotonic()) * 1000)
             try:
                 del self._buf[:os.write(self._fd, self._buf)]
             except BlockingIOError:
