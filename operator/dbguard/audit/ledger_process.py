@@ -4,8 +4,9 @@ Why a process: the writer's Python work (formatting blocks of reads, hashing, SQ
 PostgreSQL sink) in a thread of the proxy shares the proxy's GIL, and every batch it formats
 stalls the event loop that relays all sessions. In its own process it runs beside the loop. The
 proxy's side (``LedgerProcess``) has the interface of ``writer.LedgerWriter``: a read costs the
-event loop one ``struct.pack`` into a buffer written to the pipe every ``READ_LINGER`` seconds; a
-durable entry is written at once and its future resolves when the writer acknowledges its commit.
+event loop a list append, and every ``READ_LINGER`` seconds the batch is packed into one frame of
+``audit.read_records`` and written to the pipe; a durable entry is written at once and its future
+resolves when the writer acknowledges its commit (read on the event loop, see ``LedgerProcess``).
 
 What happens when something dies:
 
