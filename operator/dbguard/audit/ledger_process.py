@@ -548,7 +548,13 @@ class LedgerProcess:
     def _write_all(self, deadline: float) -> None:
         """Off the event loop (closing, tests): wait until the pipe took the buffer (lock held)."""
         while self._buf and self._fd >= 0 and time.monotonic() < deadline:
-            select.select([], [self._fd], [], max(0.0, deadline - time.monotonic()))
+            if self._ack_loop is not None:
+                # The writer takes its input only while its answers are read: a loop that reads
+                # them may be blocked on _lock, held here (lock order: _lock, then _ack_lock).
+                with self._ack_lock:
+                    self._ack_loop = None
+                    self._ack_cond.notify_all()
+            select.select([], [self._fd], [], min(0.1, max(0.0, deadline - time.monotonic())))
             try:
                 del self._buf[:os.write(self._fd, self._buf)]
             except BlockingIOError:
