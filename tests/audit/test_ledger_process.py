@@ -610,3 +610,35 @@ def test_a_writer_restarts_when_the_proxy_holds_more_than_1024_descriptors(tmp_p
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_plain_thread_waiting_for_the_pipe_does_not_freeze_the_loop_that_reads_the_answers(tmp_path):
+    """The loop reads the acknowledgements and has not read them for a while (the writer is blocked
+    writing them, so it stops reading its input); a plain thread's large write waits for the pipe
+    holding _lock. The loop's next append waits for _lock: the thread must read the answers
+    meanwhile, or the loop froze for _write_all's 10 s deadline."""
+    db = tmp_path / "l.db"
+    ledger = LedgerProcess({"store": "sqlite", "target": str(db), "chain": "c", "key": None}, name="l")
+    blocked: list[float] = []
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        assert await ledger.append(entry(0), durable=True) == 1
+        assert ledger._ack_loop is loop
+        futures = [ledger.append(entry(i), durable=True) for i in range(1, 3000)]  # answers unread
+        time.sleep(1.5)
+        bulk = threading.Thread(target=lambda: [ledger.append(entry(i, 70000)) for i in range(40)])
+        bulk.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        ledger.append(entry(3000))
+        blocked.append(time.monotonic() - t0)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await loop.run_in_executor(None, bulk.join)
+        return results
+
+    results = asyncio.run(main())
+    ledger.close()
+    assert blocked[0] < 2, blocked
+    assert results == list(range(2, 3001))
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 3041

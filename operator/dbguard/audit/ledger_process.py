@@ -553,7 +553,13 @@ class LedgerProcess:
         writable = select.poll()
         writable.register(self._fd, select.POLLOUT)
         while self._buf and self._fd >= 0 and time.monotonic() < deadline:
-            writable.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if self._ack_loop is not None:
+                # The writer takes its input only while its answers are read: a loop that reads
+                # them may be blocked on _lock, held here (lock order: _lock, then _ack_lock).
+                with self._ack_lock:
+                    self._ack_loop = None
+                    self._ack_cond.notify_all()
+            writable.poll(min(0.1, max(0.0, deadline - time.monotonic())) * 1000)
             try:
                 del self._buf[:os.write(self._fd, self._buf)]
             except BlockingIOError:
