@@ -590,9 +590,7 @@ def test_a_writer_restarts_when_the_proxy_holds_more_than_1024_descriptors(tmp_p
     """A proxy with a thousand clients holds descriptors past 1024, where select.select() raises:
     the start of a new writer after one died must not depend on it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"the hard limit of open files is {hard}: no descriptor can pass 1024")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))  # (raises where the hard limit is lower)
     filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what clients would hold
     try:
         db = tmp_path / "l.db"

@@ -336,7 +336,7 @@ class LedgerProcess:
                 loop.remove_reader(rfd)
                 self._watching = None
         if settled:
-            _settle_on(loop, settled)
+            _settle(settled)  # (resolve_waiters sets this loop's futures here and now)
 
     def _close_rfd(self) -> None:
         """Close a dead writer's stdout (the thread, after its end): on the loop that watches it,
@@ -361,10 +361,11 @@ class LedgerProcess:
         with contextlib.suppress(OSError):
             os.close(rfd)
 
-    def _reclaim(self) -> None:
-        """Read the writer's answers on the thread if the loop that reads them no longer runs."""
+    def _to_thread(self, *, unless_usable: bool = False) -> None:
+        """The thread reads the writer's answers from now on (until a loop attaches again); with
+        ``unless_usable``, only if the loop that reads them no longer runs."""
         with self._ack_lock:
-            if self._ack_loop is not None and not _usable(self._ack_loop):
+            if self._ack_loop is not None and not (unless_usable and _usable(self._ack_loop)):
                 self._ack_loop = None
                 self._ack_cond.notify_all()
 
@@ -452,7 +453,7 @@ class LedgerProcess:
                     self._loop = loop
                     self._attach(loop)
             elif self._ack_loop is not None:
-                self._reclaim()
+                self._to_thread(unless_usable=True)
         if durable or len(self._buf) >= FLUSH_AT:
             self._flush()
         elif self._timer is None:
@@ -556,9 +557,7 @@ class LedgerProcess:
             if self._ack_loop is not None:
                 # The writer takes its input only while its answers are read: a loop that reads
                 # them may be blocked on _lock, held here (lock order: _lock, then _ack_lock).
-                with self._ack_lock:
-                    self._ack_loop = None
-                    self._ack_cond.notify_all()
+                self._to_thread()
             writable.poll(min(0.1, max(0.0, deadline - time.monotonic())) * 1000)
             try:
                 del self._buf[:os.write(self._fd, self._buf)]
@@ -571,9 +570,7 @@ class LedgerProcess:
         """Hand over everything, let the writer commit and sign it, and wait for it to exit."""
         self._closing = True
         deadline = time.monotonic() + timeout
-        with self._ack_lock:  # the thread reads the rest: the loop may have stopped, or wait for this call
-            self._ack_loop = None
-            self._ack_cond.notify_all()
+        self._to_thread()  # the thread reads the rest: the loop may have stopped, or wait for this call
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
@@ -597,22 +594,6 @@ class LedgerProcess:
             self._fd = -1
             self._down_error = "the ledger is closed"
         resolve_waiters([(f, None) for f in waiting.values()], LedgerUnavailable("the ledger closed before the commit"))
-
-
-def _settle_on(loop: asyncio.AbstractEventLoop, settled: list[tuple[Waiter, int, str]]) -> None:
-    """On ``loop``: its futures are set here and now, others as ``_settle`` does."""
-    others: list[tuple[Waiter, int | None, str]] = []
-    for future, seq, error in settled:
-        if isinstance(future, asyncio.Future) and future.get_loop() is loop:
-            if not future.done():
-                if seq:
-                    future.set_result(seq)
-                else:
-                    future.set_exception(LedgerUnavailable(error))
-        else:
-            others.append((future, seq, error))
-    if others:
-        _settle(others)
 
 
 def _settle(settled: list[tuple[Waiter, int | None, str]]) -> None:

@@ -19,7 +19,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -99,11 +99,16 @@ class Built:
 
 def resolve_waiters(futures: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
     """Settle the waiters of a batch, each with its own entry's sequence number (or all with the
-    error): concurrent futures here, asyncio futures on their loop, once per loop."""
+    error): concurrent futures and those of the loop running here at once, other asyncio futures
+    on their loop, once per loop."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiter, int | None]]] = {}
     here: list[tuple[Waiter, int | None]] = []
     for fut, seq in futures:
-        if isinstance(fut, asyncio.Future):
+        if isinstance(fut, asyncio.Future) and fut.get_loop() is not running:
             by_loop.setdefault(fut.get_loop(), []).append((fut, seq))
         else:
             here.append((fut, seq))
@@ -236,16 +241,20 @@ class Blocks:
                 event = orjson.loads(data)
             done = Built(data, event, 1)
         else:
-            iso = iso_time(first)
-            data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % len(rows)
-                    + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in self.shapes])
-                    + b'],"reads":' + orjson.dumps(rows) + b"}")
-            # Search matches a block on its time and touches only, then filters each read: no
-            # per-block user or session to index.
-            done = Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded",
-                                "block_touches": list(self.touches)}, len(rows))
+            done = _block_entry(first, len(rows), self.shapes, b'"reads":' + orjson.dumps(rows), self.touches)
         self._reset()
         return done
+
+
+def _block_entry(first: datetime.datetime, count: int, shapes: Iterable[Any], reads: bytes,
+                 touched: dict[tuple[str, str, str, str], None]) -> Built:
+    """A block entry: its time (the earliest read), count, each shape once, and ``reads`` (the
+    ``"reads"`` or ``"packed"`` member). Search matches a block on its time and touches only, then
+    filters each read: no per-block user or session to index."""
+    iso = iso_time(first)
+    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % count
+            + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in shapes]) + b"]," + reads + b"}")
+    return Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(touched)}, count)
 
 
 def packed_block(shapes: list[Any], earliest: float, count: int, records: bytes) -> Built:
@@ -253,14 +262,11 @@ def packed_block(shapes: list[Any], earliest: float, count: int, records: bytes)
     that keeps the proxy's ``audit.read_records`` as they came: ``{"kind":"reads","time":..,
     "count":..,"shapes":[..],"packed":"<base64 records>"}``. The writer process stores a batch
     without touching its reads; ``search.block_reads`` expands them."""
-    iso = iso_time(datetime.datetime.fromtimestamp(round(earliest * 1e6) / 1e6, datetime.UTC))
-    data = (b'{"kind":"reads","time":"' + iso.encode() + b'","count":%d,"shapes":[' % count
-            + b",".join([b"[{" + s.head + b"},{" + s.body + b"}]" for s in shapes])
-            + b'],"packed":"' + base64.b64encode(records) + b'"}')
     touched: dict[tuple[str, str, str, str], None] = {}
     for shape in shapes:
         touched.update(dict.fromkeys(shape_touches(shape)))
-    return Built(data, {"kind": "reads", "time": iso, "outcome": "forwarded", "block_touches": list(touched)}, count)
+    return _block_entry(datetime.datetime.fromtimestamp(round(earliest * 1e6) / 1e6, datetime.UTC), count, shapes,
+                        b'"packed":"' + base64.b64encode(records) + b'"', touched)
 
 
 def same_minute(earliest: float, latest: float) -> bool:
