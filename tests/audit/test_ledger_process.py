@@ -575,12 +575,19 @@ def test_acknowledgements_move_between_a_stopped_loop_and_plain_threads(tmp_path
             assert ledger.append(entry(i), durable=True).result(10) == i + 1
         assert loop.run_until_complete(many(range(4, 104))) == list(range(5, 105))
         assert ledger._ack_loop is loop
+        rfd = ledger._rfd
+        pipe = os.fstat(rfd).st_ino
         t0 = time.monotonic()
         ledger.close()
         assert time.monotonic() - t0 < 5
         assert ledger._proc.poll() == 0
-        loop.run_until_complete(asyncio.sleep(0.01))  # it stops watching the closed writer's pipe
+        # The loop stays stopped and is closed without running again: the pipe is released anyway.
         assert ledger._watching is None
+        assert loop._selector.get_map().get(rfd) is None
+        try:
+            assert os.fstat(rfd).st_ino != pipe, "the closed writer's pipe is still open"
+        except OSError:
+            pass  # closed (EBADF)
     finally:
         loop.close()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM entries").fetchone()[0] == 104

@@ -348,7 +348,7 @@ class LedgerProcess:
                 self._watching = None
             else:
                 watching = None
-        if watching is not None and not watching[0].is_closed():
+        if watching is not None and _usable(watching[0]):
             loop = watching[0]
 
             def unwatch() -> None:
@@ -358,6 +358,11 @@ class LedgerProcess:
             with contextlib.suppress(RuntimeError):  # closed meanwhile: its selector is gone
                 loop.call_soon_threadsafe(unwatch)
                 return
+        elif watching is not None and not watching[0].is_closed():
+            # A stopped loop may be closed without running again (its callbacks then never run):
+            # nobody selects on it now, so its selector lets go of the number here.
+            with contextlib.suppress(Exception):
+                watching[0].remove_reader(rfd)
         with contextlib.suppress(OSError):
             os.close(rfd)
 
