@@ -28,6 +28,7 @@ from dbguard.audit.writer import READ_LINGER
 from tests.audit.conftest import audit, ledger_proxy
 from tests.audit.test_ledger_e2e import metrics
 from tests.fix_postgres import Postgres, free_port, wait_until
+from tests.reliability.harness import ledger_events
 from tests.unit.test_ledger_writer import _reads as reads_of_three_shapes
 
 
@@ -299,6 +300,40 @@ def test_two_ledgers_in_one_process_each_learn_a_shape(tmp_path):
     assert (first.dropped, second.dropped) == (0, 0)
     for name in ("a", "b"):
         assert sqlite3.connect(tmp_path / f"{name}.db").execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+
+
+def test_reads_appended_while_close_packs_them_are_stored_or_counted_never_lost(tmp_path):
+    """The session's loop appends reads without a lock while close() packs them on another thread
+    (the proxy closes the ledger from an executor), and may go on appending after the last frame:
+    every read is either in the chain or counted as dropped."""
+    ledger = LedgerProcess({"store": "sqlite", "target": str(tmp_path / "l.db"), "chain": "c", "key": None},
+                           name="l")
+    shape = ReadShape(b'"session":"s"', b'"statement":"SELECT 1"')
+    when = datetime.datetime.now(datetime.UTC)
+    appended = 0
+    started = threading.Event()
+
+    def reads() -> None:
+        nonlocal appended
+        for i in range(30000):
+            ledger.append_read(Done(i, b'{"stmt":1,"status":"ok"}', (when, shape)))
+            appended += 1
+            if i == 2000:
+                started.set()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # many hand-overs between the two threads
+    try:
+        appender = threading.Thread(target=reads)
+        appender.start()
+        assert started.wait(10)
+        ledger.close()
+        appender.join(30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert appended == 30000
+    stored = sum(1 for event in ledger_events(tmp_path / "l.db") if event.get("kind") == "decision")
+    assert stored > 0 and stored + ledger.dropped == appended, (stored, ledger.dropped)
 
 
 def _writer_fed(db, frames: list[bytes], *, with_config: bool = False) -> tuple[int, bytes]:

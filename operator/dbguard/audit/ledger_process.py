@@ -441,6 +441,9 @@ class LedgerProcess:
             except RuntimeError:
                 future = concurrent.futures.Future()
         with self._lock:
+            if self._closing and not durable:  # after the writer's last frame: counted, never sent
+                self._base["dropped"] += 1
+                return None
             if durable:
                 if self._fd < 0 or self._closing:
                     resolve_waiters([(future, None)], LedgerUnavailable(self._down_error or "the ledger is closed"))
@@ -469,6 +472,10 @@ class LedgerProcess:
         """Queue a read (never durable): the completion itself, packed with the others of its
         batch at the next flush (one tight loop per batch costs the event loop less than packing
         each read as it finishes)."""
+        if self._closing:  # after the writer's last frame: counted, as an entry it never took
+            with self._lock:
+                self._base["dropped"] += 1
+            return
         reads = self._reads
         reads.append(completion)
         if len(reads) >= READ_BATCH:
@@ -479,7 +486,11 @@ class LedgerProcess:
     def _pack_reads(self) -> None:
         """Pack the queued reads into one READS frame (lock held): a record per read, naming its
         shape by its index in the batch; a shape's text goes to this writer once."""
-        reads, self._reads = self._reads, []
+        # Taken from the front, never swapped: append_read (no lock) may be appending to this
+        # list from the loop while close() packs it on another thread.
+        queued = self._reads
+        reads = queued[:]
+        del queued[:len(reads)]
         buf, gen = self._buf, self._gen
         if len(buf) > BUFFER_MAX:
             self._base["dropped"] += len(reads)
