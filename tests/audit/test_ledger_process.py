@@ -370,6 +370,54 @@ def _record(index: int, when: float, stmt: int, tag: bytes, length: int | None =
     return read_records.RECORD.pack(index, when, stmt, 5, len(tag) if length is None else length) + tag
 
 
+def test_a_writer_whose_store_is_locked_sheds_reads_past_its_queue_and_counts_them(tmp_path):
+    """While the store cannot commit, the writer holds at most queue_max entries: further batches
+    of reads are dropped and counted (its memory stays bounded through a long outage); what must be
+    durable still queues and is answered; once the store is back, every read is stored or counted."""
+    db = tmp_path / "l.db"
+    proc = subprocess.Popen([sys.executable, "-m", "dbguard.audit.ledger_process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    frames = wire.FrameReader()
+    out: list[tuple[bytes, bytes]] = []
+    try:
+        config = {"store": "sqlite", "target": str(db), "chain": "c", "queue_max": 3}
+        proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps(config)))
+        proc.stdin.flush()
+        assert list(frames.feed(proc.stdout.read(wire.HEADER.size))) == [(wire.READY, b"")]
+        batches = [wire.reads(2, T0 + i, T0 + i + 0.5, [7, 8], _record(0, T0 + i, 2 * i, b"SELECT 1")
+                              + _record(1, T0 + i + 0.5, 2 * i + 1, b"SELECT 1")) for i in range(40)]
+        blocker = sqlite3.connect(db, timeout=10, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            proc.stdin.write(b"".join(SHAPES) + batches[0])
+            proc.stdin.flush()
+            time.sleep(0.5)  # its commit now waits for the file
+            proc.stdin.write(b"".join(batches[1:]) + wire.entry(9, False, entry(1)))
+            proc.stdin.flush()
+            time.sleep(0.5)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        proc.stdin.write(wire.frame(wire.QUIT, b""))
+        proc.stdin.close()
+        out = list(frames.feed(proc.stdout.read()))
+        err = proc.stderr.read()
+        assert proc.wait(30) == 0, err
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        proc.stdout.close()
+    assert b"reads are dropped (counted)" in err and b"Traceback" not in err, err
+    acks = [wire.ACK_BODY.unpack_from(payload) for kind, payload in out if kind == wire.ACK]
+    assert [request for request, seq in acks if seq > 0] == [9]  # the durable entry behind the shed reads
+    stats = orjson.loads([payload for kind, payload in out if kind == wire.STATS][-1])
+    stored = sum(1 for event in ledger_events(db) if event.get("kind") == "decision" and "completion" in event)
+    assert stats["dropped"] >= 2 * (40 - 1 - 3), stats
+    assert stored + stats["dropped"] == 80, (stored, stats)
+    assert ledger.verify(sqlite_sink.read_rows(sqlite3.connect(db))).ok
+
+
 @pytest.mark.parametrize("batch", [
     # two records, the frame says three
     wire.reads(3, T0, T0 + 1, [7, 8], _record(0, T0, 1, b"SELECT 1") + _record(1, T0 + 1, 2, b"SELECT 1")),

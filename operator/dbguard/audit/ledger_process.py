@@ -70,6 +70,10 @@ PIPE_SIZE = 1024 * 1024
 LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
 START_TIMEOUT = LOCK_WAIT + 30.0
 STATS_EVERY = 0.1
+# Entries the writer process holds uncommitted (queued, or kept for retry while the store fails)
+# before it sheds further reads (counted as dropped): its memory stays bounded through a long
+# outage of the store. A batch of reads of one minute is one entry (at most READ_BATCH reads).
+QUEUE_MAX = 2048
 # Writer processes, numbered across every LedgerProcess: a shape's ``sent`` names the one that knows it.
 _generations = itertools.count(1)
 _batches = itertools.count(1)  # batches of reads, across every LedgerProcess: a shape's ``batch``
@@ -730,6 +734,9 @@ def serve(inp: int = 0, out: int = 1) -> int:
     shapes: dict[int, events.ReadShape] = {}
     received = 0
     unknown = 0
+    shed = 0  # reads not queued: the writer held queue_max entries
+    shedding = 0  # reads shed since the queue last had room (logged once per episode)
+    queue_max = int(config.get("queue_max", QUEUE_MAX))
 
     def acked(request: int, future: concurrent.futures.Future) -> None:
         error = future.exception()
@@ -740,7 +747,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
     def stats() -> bytes:
         latency = writer.commit_latency
         return wire.frame(wire.STATS, orjson.dumps({
-            "committed": writer.committed, "failures": writer.failures, "dropped": writer.dropped + unknown,
+            "committed": writer.committed, "failures": writer.failures, "dropped": writer.dropped + unknown + shed,
             "last_failed": writer.last_failed, "last_error": writer.last_error, "received": received,
             "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
                                                     "count": latency.count}}))
@@ -764,6 +771,8 @@ def serve(inp: int = 0, out: int = 1) -> int:
         except ValueError as exc:
             raise wire.CorruptStream(f"a batch of reads: {exc}") from exc
         received += count
+        if not shed_or_take(count):
+            return
         known = [shapes.get(number) for number in numbers]
         if 1 < count <= BLOCK_MAX and same_minute(earliest, latest) and None not in known:
             cut()  # the chain keeps the order the proxy sent things in
@@ -781,6 +790,22 @@ def serve(inp: int = 0, out: int = 1) -> int:
                     writer.append_built(done)
         except ValueError as exc:  # read_records.CorruptRecords, or a completion that is not JSON
             raise wire.CorruptStream(f"a batch of reads: {exc}") from exc
+
+    def shed_or_take(count: int) -> bool:
+        """Whether a batch of ``count`` reads has room; if not it is counted as dropped (reads are
+        never durable: what must be durable still queues, and the store answers it)."""
+        nonlocal shed, shedding
+        if writer.queued() < queue_max:
+            if shedding:
+                log.warning("ledger: the store caught up; %d reads were dropped meanwhile", shedding)
+                shedding = 0
+            return True
+        if not shedding:
+            log.error("ledger: %d entries wait for the store (%s); reads are dropped (counted) until it "
+                      "catches up", writer.queued(), writer.last_error or "it is slower than the traffic")
+        shed += count
+        shedding += count
+        return False
 
     def unknown_shape(number: int) -> None:  # cannot happen unless the proxy is wrong: counted, never invented
         nonlocal unknown
