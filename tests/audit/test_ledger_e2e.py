@@ -152,7 +152,7 @@ def test_a_ledger_that_cannot_commit_refuses_writes_and_keeps_the_connection(pg:
     try:
         with psycopg.connect(proxy.dsn("bob"), autocommit=True) as conn:
             conn.execute("UPDATE orders SET status = 'a' WHERE id = 1")
-            blocker = sqlite3.connect(db, timeout=0.1, isolation_level=None)
+            blocker = sqlite3.connect(db, timeout=10, isolation_level=None)
             blocker.execute("BEGIN EXCLUSIVE")  # the ledger file is locked by someone else
             try:
                 t0 = time.monotonic()

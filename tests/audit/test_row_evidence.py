@@ -36,10 +36,20 @@ def rows_pg(pg: Postgres) -> Postgres:
     pg.psql("ALTER ROLE app REPLICATION", db="postgres")
     pg.psql("ALTER TABLE customers REPLICA IDENTITY FULL")
     yield pg
-    pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%'",
-            db="postgres")
+    drop_dbguard_slots(pg)
     pg.psql("DROP PUBLICATION IF EXISTS dbguard_rows")
     pg.psql("ALTER ROLE app NOREPLICATION", db="postgres")
+
+
+def drop_dbguard_slots(pg: Postgres) -> None:
+    """Drop the tests' slots; a walsender that has not exited yet still holds its slot (dropping
+    it then fails, and a slot left behind feeds old changes to the next test)."""
+    pg.psql("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE slot_name LIKE 'dbguard%' AND active_pid IS NOT NULL", db="postgres")
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%' AND active",
+                               db="postgres").strip() == "0", timeout=20, what="the slots to be released")
+    pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%'",
+            db="postgres")
 
 
 def psql(proxy, sql: str, user: str = "alice") -> str:  # noqa: ANN001 - tests.fix_proxy.Proxy

@@ -3,6 +3,8 @@ and what must never wedge or mislead the evidence (docs/ledger.md, "Row-level ev
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -173,8 +175,18 @@ def test_a_cancelled_write_records_nothing_and_the_session_goes_on(rows_pg: Post
     proxy = rows_proxy(rows_pg, tmp_path, text=UNMASKED)
     try:
         with psycopg.connect(proxy.dsn("alice"), autocommit=True) as conn:
-            for delay in (0.05, 0.3):
-                timer = threading.Timer(delay, conn.cancel)
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+            def cancel_once_running(then: float) -> None:
+                # A cancel that reaches an idle backend is ignored: wait until the proxy has sent
+                # something (the marker or the write), then cancel at once or a while into the write.
+                wait_until(lambda: rows_pg.psql(f"SELECT state FROM pg_stat_activity WHERE pid = {pid}").strip()
+                           == "active", timeout=20, interval=0.01, what="the write to reach the server")
+                time.sleep(then)
+                conn.cancel()
+
+            for then in (0.0, 0.3):
+                timer = threading.Thread(target=cancel_once_running, args=(then,))
                 timer.start()
                 with pytest.raises(psycopg.errors.QueryCanceled):
                     conn.execute("UPDATE customers SET balance = 99 WHERE id = 1 AND pg_sleep(1) IS NOT NULL")

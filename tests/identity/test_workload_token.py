@@ -72,7 +72,8 @@ def test_a_token_that_fails_to_refresh_keeps_the_identity_until_the_old_one_expi
         pg: Postgres, tmp_path: pathlib.Path, kube: KubePlane, kube_ns: str, reviewer_kubeconfig: pathlib.Path):
     create_sa(kube, kube_ns, "batch")
     now = int(time.time())
-    short = forged(kube, sa_token(kube, kube_ns, "batch"), iat=now, nbf=now, exp=now + 6)  # a 6-second token
+    # A token that expires soon, but not before a slow machine has started the proxy and logged in twice.
+    short = forged(kube, sa_token(kube, kube_ns, "batch"), iat=now, nbf=now, exp=now + 15)
     token_file = tmp_path / "token"
     write_token(token_file, short)
     proxy = start_proxy(pg, tmp_path, "--workload-token-file", str(token_file), "--kubeconfig",
@@ -83,7 +84,7 @@ def test_a_token_that_fails_to_refresh_keeps_the_identity_until_the_old_one_expi
         write_token(token_file, "garbage-after-rotation")  # a refresh that cannot be verified
         assert whoami(proxy)["user"] == batch  # the last verified identity holds ...
         assert "cannot be verified" in proxy.log()
-        wait_until(lambda: time.time() > now + 6, timeout=10, what="the token's exp")
+        wait_until(lambda: time.time() > now + 15, timeout=20, what="the token's exp")
         sqlstate, message = refused(proxy, "app", "")  # ... until its exp: then new connections are refused
         assert sqlstate == "57P03" and "workload identity expired" in message, message
         failed = [e for e in proxy.events() if e["kind"] == "connection" and not e["authenticated"]]

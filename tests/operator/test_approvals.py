@@ -106,6 +106,7 @@ def test_who_may_not_decide_is_refused(op: Operator, ns: str, user: str, decisio
 
 def test_two_distinct_approvers_are_needed_when_the_rule_says_so(op: Operator, ns: str) -> None:
     op.kube.kubectl("-n", ns, "create", "-f", "-", input=request_doc("r3", min_approvals=2))
+    wait_phase(op, ns, "r3", "Pending")  # the operator has seen it (it writes no phase before)
     assert decide(op, ns, "r3", "alice", "Approved", "CHG-1").returncode == 0
     wait_until(lambda: len(op.get("ar", ns, "r3")["spec"].get("approvals") or []) == 1, timeout=10,
                what="first approval")

@@ -7,11 +7,21 @@ import pathlib
 import sqlite3
 
 import orjson
+import pytest
 
 from dbguard.audit import ledger, search, sqlite_sink
+from dbguard.audit import writer as writer_module
 from dbguard.audit.events import Done, ReadShape
 from dbguard.audit.writer import LedgerWriter
 from dbguard.session.completions import Pending
+
+
+@pytest.fixture(autouse=True)
+def _one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests assert how entries fall into blocks: the writer thread must not commit part of
+    them because an append loop was descheduled for READ_LINGER (close() and durable entries still
+    wake it at once)."""
+    monkeypatch.setattr(writer_module, "READ_LINGER", 30.0)
 
 
 def _event(session: str, second: int, user: str = "bob") -> bytes:
