@@ -142,11 +142,12 @@ def test_chart_lints_strictly(helm: Helm, variant: list[str]) -> None:
     ([*GATEWAY, *sets(gateway__database__sslMode="on")], "/gateway/database/sslMode"),
     ([*GATEWAY, "--set", "gateway.policies={Shop_Policy}"], "/gateway/policies/0"),
     ([*GATEWAY, "--set", "namespaces={shop}"], "is not governed"),
+    ([*GATEWAY, *sets(gateway__ledger__signingKeySecret__name="k")], "set gateway.ledger.secret.name"),
 ], ids=["unknown-key", "latest-tag", "latest-opa-tag", "cert-mode", "namespace-name", "no-cert-manager",
         "ledger-no-url", "ledger-not-postgres", "no-prometheus-operator", "kube-1.28", "service-monitor-no-crds",
         "metrics-port", "pdb-budget", "pdb-both", "gateway-no-database", "gateway-no-policies", "gateway-no-tls",
         "gateway-auth-mode", "gateway-oidc-no-issuer", "gateway-tokens-no-secret", "gateway-sslmode",
-        "gateway-policy-name", "gateway-ungoverned-namespace"])
+        "gateway-policy-name", "gateway-ungoverned-namespace", "gateway-signing-key-without-ledger"])
 def test_bad_values_are_refused_with_a_reason(helm: Helm, args: list[str], message: str) -> None:
     r = helm.template(*args, check=False)
     assert r.returncode != 0 and message in r.stderr, r.stderr

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import fix_kube
 from tests.audit.conftest import ledger_db  # noqa: F401 - a fixture
+from tests.audit.test_row_evidence import drop_dbguard_slots
 from tests.chart.conftest import CHART, Helm
 from tests.chart.test_chart import GATEWAY
 from tests.fix_kube import KubePlane
@@ -177,7 +178,7 @@ def gateway(op: Operator, kube_ns: str, pg: Postgres, ledger_db: str, helm: Helm
     values = [*GATEWAY, "--set", f"gateway.namespace={ns}", "--set", "gateway.database.host=127.0.0.1",
               "--set", f"gateway.database.port={pg.port}", "--set", "gateway.database.name=app",
               "--set", "gateway.database.sslMode=disable", "--set", "gateway.ledger.secret.name=dbguard-ledger",
-              "--set", "gateway.rowEvidence.enabled=true"]
+              "--set", "gateway.ledger.signingKeySecret.name=dbguard-ledger-key", "--set", "gateway.rowEvidence.enabled=true"]
     rendered = [d for d in yaml.safe_load_all(helm.run("template", release, str(CHART), "--namespace", "dbguard-system",
                                                         *values).stdout) if d]
     ours = [d for d in rendered if d["kind"] in GATEWAY_KINDS
@@ -188,6 +189,13 @@ def gateway(op: Operator, kube_ns: str, pg: Postgres, ledger_db: str, helm: Helm
     kube.kubectl("-n", ns, "create", "secret", "generic", "shop-db", "--from-literal=username=app",
                  f"--from-literal=password={APP_PASSWORD}")
     kube.kubectl("-n", ns, "create", "secret", "generic", "dbguard-ledger", f"--from-literal=url={ledger_db}")
+    # The key that signs the ledger's checkpoints (the auditors keep the public half).
+    keygen = subprocess.run([sys.executable, "-m", "dbguard", "audit", "keygen", "--private-key",
+                             str(tmp_path / "ledger.key"), "--public-key", str(tmp_path / "ledger.pub")],
+                            capture_output=True, text=True, timeout=60)
+    assert keygen.returncode == 0, keygen.stderr
+    kube.kubectl("-n", ns, "create", "secret", "generic", "dbguard-ledger-key",
+                 f"--from-file=ledger.key={tmp_path / 'ledger.key'}")
     cert, key = fix_kube.TestCA.create("gateway-ca").issue("dbguard-gateway", server=True)
     (tmp_path / "tls.crt").write_bytes(cert)
     (tmp_path / "tls.key").write_bytes(key)
@@ -208,8 +216,7 @@ def gateway(op: Operator, kube_ns: str, pg: Postgres, ledger_db: str, helm: Helm
     pod.start()
     yield pod
     pod.stop()
-    pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'dbguard%'",
-            db="postgres")
+    drop_dbguard_slots(pg)
     pg.psql("DROP PUBLICATION IF EXISTS dbguard_rows")
     pg.psql("ALTER ROLE app NOREPLICATION", db="postgres")
     kube.kubectl("delete", "clusterrolebinding", f"{release}-dbguard-gateway-tokenreview", "--ignore-not-found",
@@ -270,7 +277,8 @@ def test_a_person_with_a_kubernetes_token_goes_through_the_gateway(op: Operator,
               "spec": {"database": {"host": "127.0.0.1", "port": pg.port, "name": "app", "sslMode": "disable",
                                     "credentialsSecret": {"name": "shop-db"}},
                        "policies": ["shop-guardrails", "pii-masking"], "workloads": {"serviceAccounts": ["api"]},
-                       "proxy": {"ledger": {"secret": {"name": "dbguard-ledger", "key": "url"}}}}}
+                       "proxy": {"ledger": {"secret": {"name": "dbguard-ledger", "key": "url"},
+                                            "signingKeySecret": {"name": "dbguard-ledger-key"}}}}}
     kube.kubectl("-n", ns, "apply", "-f", "-", input=yaml.safe_dump(access))
     wait_ready(op, "dba", ns, "shop-api", "True", timeout=40)
     kube.kubectl("-n", ns, "create", "-f", "-", input=pod_doc("api-1", "shop-api", service_account="api"))
@@ -305,3 +313,12 @@ def test_a_person_with_a_kubernetes_token_goes_through_the_gateway(op: Operator,
     # The gateway's /metrics counted what happened (the dashboard's source).
     assert gateway.metric("dbguard_refusals_total", rule="no-drop-table") >= 1
     assert gateway.metric("dbguard_approval_requests_total") >= 1
+
+    # Both chains verify, their checkpoints signed with the key from the Secret.
+    gateway.stop()  # (its writer signs the tail as it closes)
+    verify = subprocess.run([sys.executable, "-m", "dbguard", "audit", "verify", "--ledger", gateway.ledger_url,
+                             "--public-key", str(tmp_path / "ledger.pub")], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and "in 2 chain(s)" in verify.stdout, verify.stdout + verify.stderr
+    assert "unsigned" not in verify.stdout, verify.stdout
+    signed = int(verify.stdout.split(", ")[1].split()[0])
+    assert signed >= 2, verify.stdout

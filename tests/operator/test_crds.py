@@ -189,6 +189,7 @@ def test_k8s_examples_are_accepted_with_documented_defaults(crds, kube_ns):
                                                     "passwordKey": "password"}
     assert dba["database"]["caSecret"] == {"name": "shop-db-ca", "key": "ca.crt"}
     assert dba["proxy"]["ledger"]["secret"] == {"name": "dbguard-ledger", "key": "url"}
+    assert dba["proxy"]["ledger"]["signingKeySecret"] == {"name": "dbguard-ledger-signing-key", "key": "ledger.key"}
     assert dba["proxy"]["maskingKeySecret"] == {"name": "dbguard-masking-key", "key": "key"}
     minimal = doc("DatabaseAccess", {"database": {"host": "db", "name": "shop", "credentialsSecret": {"name": "c"}},
                                      "policies": ["p"], "proxy": {}}, name="minimal")

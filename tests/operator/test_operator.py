@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fix_kube import KubePlane
 from tests.fix_operator import Operator
@@ -146,6 +148,44 @@ def test_access_status_follows_secret_and_policies(op: Operator, kube_ns: str) -
     kube.kubectl("-n", kube_ns, "delete", "dba", "shop-api", "--timeout=30s")
     assert kube.kubectl("get", "clusterrolebinding", f"dbguard-tokenreview-{kube_ns}-shop-api",
                         check=False).returncode != 0
+
+
+def test_access_is_ready_only_when_its_ledger_secrets_would_start_the_sidecar(op: Operator, kube_ns: str,
+                                                                              tmp_path) -> None:
+    """A Secret the sidecar mounts but that is missing would leave its pods unable to start, and a
+    signing key that is not an Ed25519 private key would stop the proxy at start: both show in the
+    status before any pod is made."""
+    kube = op.kube
+    secret(kube, kube_ns)
+    kube.kubectl("-n", kube_ns, "apply", "-f", "-", input=POLICY)
+    ledger = {"secret": {"name": "audit-ledger"}, "signingKeySecret": {"name": "audit-key"}}
+    kube.kubectl("-n", kube_ns, "apply", "-f", "-", input=access_doc("shop-api", ["shop-guardrails"],
+                                                                     proxy={"ledger": ledger}))
+
+    def cond() -> dict:
+        return ready(status_of(op, "dba", kube_ns, "shop-api")) or {"reason": "", "message": ""}
+
+    def reason() -> str:
+        return cond()["reason"]
+
+    wait_until(lambda: reason() == "SecretNotFound", timeout=40, interval=0.3, what="SecretNotFound")
+    assert "'audit-ledger'" in cond()["message"]
+    kube.kubectl("-n", kube_ns, "create", "secret", "generic", "audit-ledger", "--from-literal=uri=postgresql://l/l")
+    wait_until(lambda: "has no key(s) ['url']" in cond()["message"],
+               timeout=40, interval=0.3, what="the ledger Secret's missing key")
+    kube.kubectl("-n", kube_ns, "delete", "secret", "audit-ledger")
+    kube.kubectl("-n", kube_ns, "create", "secret", "generic", "audit-ledger", "--from-literal=url=postgresql://l/l")
+    wait_until(lambda: "'audit-key'" in cond()["message"], timeout=40,
+               interval=0.3, what="the signing key Secret to be missing")
+    kube.kubectl("-n", kube_ns, "create", "secret", "generic", "audit-key", "--from-literal=ledger.key=not a key")
+    wait_until(lambda: reason() == "SecretInvalid", timeout=40, interval=0.3, what="SecretInvalid")
+    assert "not an unencrypted Ed25519 private key" in cond()["message"]
+    private = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption())
+    (tmp_path / "ledger.key").write_bytes(private)
+    kube.kubectl("-n", kube_ns, "delete", "secret", "audit-key")
+    kube.kubectl("-n", kube_ns, "create", "secret", "generic", "audit-key", f"--from-file=ledger.key={tmp_path / 'ledger.key'}")
+    wait_ready(op, "dba", kube_ns, "shop-api", "True", timeout=40)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """DatabaseAccess: check what it refers to, grant its workloads TokenReview, report its pods.
 
-Ready means a pod created now gets a working sidecar: the credentials Secret has its keys and
-every policy compiled. The status also names the policy revision in force (a digest of the
+Ready means a pod created now gets a working sidecar: every Secret it refers to has its keys (the
+ledger's signing key is an Ed25519 key) and every policy compiled. The status also names the policy revision in force (a digest of the
 policies' revisions) and how many pods carry the sidecar.
 
 The sidecar proves its pod's identity with TokenReview, which needs ``create tokenreviews`` (a
@@ -13,10 +13,15 @@ the one place the operator uses a finalizer.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -36,18 +41,54 @@ def combined_revision(revisions: list[str]) -> str:
     return hashlib.sha256(",".join(revisions).encode()).hexdigest()[:12] if revisions else ""
 
 
+def referred_secrets(spec: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(Secret name, keys the sidecar mounts from it) for every Secret an access refers to: a
+    missing one would leave its pods unable to start (the kubelet cannot mount it)."""
+    db, proxy = spec["database"], spec.get("proxy") or {}
+    creds = db["credentialsSecret"]
+    refs = [(creds["name"], [creds.get("userKey", "username"), creds.get("passwordKey", "password")])]
+    if db.get("caSecret"):
+        refs.append((db["caSecret"]["name"], [db["caSecret"].get("key", "ca.crt")]))
+    ledger = proxy.get("ledger") or {}
+    if ledger.get("secret"):
+        refs.append((ledger["secret"]["name"], [ledger["secret"].get("key", "url")]))
+    if ledger.get("signingKeySecret"):
+        refs.append((ledger["signingKeySecret"]["name"], [ledger["signingKeySecret"].get("key", "ledger.key")]))
+    if proxy.get("maskingKeySecret"):
+        refs.append((proxy["maskingKeySecret"]["name"], [proxy["maskingKeySecret"].get("key", "key")]))
+    return refs
+
+
+def _signing_key_problem(api: client.ApiClient, namespace: str, ref: dict[str, Any]) -> str:
+    """Why the ledger's signing key would stop the sidecar from starting ("" if it would not)."""
+    secret = client.CoreV1Api(api).read_namespaced_secret(ref["name"], namespace)
+    key = ref.get("key", "ledger.key")
+    try:
+        pem = base64.b64decode(secret.data[key])
+        if not isinstance(serialization.load_pem_private_key(pem, password=None), Ed25519PrivateKey):
+            raise ValueError("not an Ed25519 key")
+    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
+        return (f"Secret {ref['name']!r} key {key!r} is not an unencrypted Ed25519 private key in PEM "
+                f"(dbguard audit keygen makes one): {exc}")
+    return ""
+
+
 def check(api: client.ApiClient, access: dict[str, Any]) -> tuple[bool, str, str, str]:
     """(ready, reason, message, policy revision) from the Secret and the policies referred to."""
     namespace = access["metadata"]["namespace"]
     spec = access.get("spec") or {}
-    creds = spec["database"]["credentialsSecret"]
-    secret = get_or_none(client.CoreV1Api(api).read_namespaced_secret, creds["name"], namespace)
-    if secret is None:
-        return False, "SecretNotFound", f"Secret {creds['name']!r} not found in namespace {namespace}", ""
-    missing = [k for k in (creds.get("userKey", "username"), creds.get("passwordKey", "password"))
-               if k not in (secret.data or {})]
-    if missing:
-        return False, "SecretKeyMissing", f"Secret {creds['name']!r} has no key(s) {missing}", ""
+    for name, keys in referred_secrets(spec):
+        secret = get_or_none(client.CoreV1Api(api).read_namespaced_secret, name, namespace)
+        if secret is None:
+            return False, "SecretNotFound", f"Secret {name!r} not found in namespace {namespace}", ""
+        missing = [k for k in keys if k not in (secret.data or {})]
+        if missing:
+            return False, "SecretKeyMissing", f"Secret {name!r} has no key(s) {missing}", ""
+    signing = ((spec.get("proxy") or {}).get("ledger") or {}).get("signingKeySecret")
+    if signing:
+        problem = _signing_key_problem(api, namespace, signing)
+        if problem:
+            return False, "SecretInvalid", problem, ""
     revisions = []
     custom = client.CustomObjectsApi(api)
     for name in spec["policies"]:

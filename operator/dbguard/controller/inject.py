@@ -28,6 +28,7 @@ KUBE_API_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where in-clust
 CREDENTIALS_DIR = "/var/run/dbguard/database"
 POLICY_DIR = "/etc/dbguard/policies"
 MASKING_KEY_DIR = "/var/run/dbguard/masking"
+LEDGER_KEY_DIR = "/var/run/dbguard/ledger-key"
 CA_DIR = "/var/run/dbguard/database-ca"
 METRICS_PORT = 9187
 TOKEN_AUDIENCE = "dbguard"
@@ -72,6 +73,7 @@ def sidecar_container(access: dict[str, Any], image: str, revision: str) -> dict
         env.append({"name": "DBGUARD_LEDGER_URL", "valueFrom": {"secretKeyRef": {
             "name": ledger["name"], "key": ledger.get("key", "url")}}})
         args += ["--ledger", "env:DBGUARD_LEDGER_URL"]  # never $(VAR): the expanded URL would be in the process list
+    signing = (proxy.get("ledger") or {}).get("signingKeySecret")
     mounts = [
         {"name": f"{VOLUME_PREFIX}database", "mountPath": CREDENTIALS_DIR, "readOnly": True},
         {"name": f"{VOLUME_PREFIX}token", "mountPath": TOKEN_DIR, "readOnly": True},
@@ -81,6 +83,9 @@ def sidecar_container(access: dict[str, Any], image: str, revision: str) -> dict
                for name in spec["policies"]]
     if db.get("caSecret"):
         mounts.append({"name": f"{VOLUME_PREFIX}database-ca", "mountPath": CA_DIR, "readOnly": True})
+    if signing:  # checkpoints signed where the chain is written; only the public key verifies it
+        args += ["--ledger-signing-key", f"{LEDGER_KEY_DIR}/key"]
+        mounts.append({"name": f"{VOLUME_PREFIX}ledger-key", "mountPath": LEDGER_KEY_DIR, "readOnly": True})
     if proxy.get("maskingKeySecret"):
         args += ["--masking-key", f"{MASKING_KEY_DIR}/key"]
         mounts.append({"name": f"{VOLUME_PREFIX}masking-key", "mountPath": MASKING_KEY_DIR, "readOnly": True})
@@ -127,6 +132,11 @@ def sidecar_volumes(access: dict[str, Any]) -> list[dict[str, Any]]:
     if ca:
         volumes.append({"name": f"{VOLUME_PREFIX}database-ca", "secret": {
             "secretName": ca["name"], "defaultMode": 0o444, "items": [{"key": ca.get("key", "ca.crt"), "path": "ca.crt"}]}})
+    signing = ((spec.get("proxy") or {}).get("ledger") or {}).get("signingKeySecret")
+    if signing:
+        volumes.append({"name": f"{VOLUME_PREFIX}ledger-key", "secret": {
+            "secretName": signing["name"], "defaultMode": 0o400,
+            "items": [{"key": signing.get("key", "ledger.key"), "path": "key"}]}})
     masking = (spec.get("proxy") or {}).get("maskingKeySecret")
     if masking:
         volumes.append({"name": f"{VOLUME_PREFIX}masking-key", "secret": {
