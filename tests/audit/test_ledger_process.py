@@ -371,7 +371,7 @@ def _record(index: int, when: float, stmt: int, tag: bytes, length: int | None =
 
 
 def test_a_writer_whose_store_is_locked_sheds_reads_past_its_queue_and_counts_them(tmp_path):
-    """While the store cannot commit, the writer holds at most queue_max entries: further batches
+    """While the store cannot commit, the writer holds about hold_max reads and entries: further batches
     of reads are dropped and counted (its memory stays bounded through a long outage); what must be
     durable still queues and is answered; once the store is back, every read is stored or counted."""
     db = tmp_path / "l.db"
@@ -380,7 +380,7 @@ def test_a_writer_whose_store_is_locked_sheds_reads_past_its_queue_and_counts_th
     frames = wire.FrameReader()
     out: list[tuple[bytes, bytes]] = []
     try:
-        config = {"store": "sqlite", "target": str(db), "chain": "c", "queue_max": 3}
+        config = {"store": "sqlite", "target": str(db), "chain": "c", "hold_max": 3}
         proc.stdin.write(wire.frame(wire.CONFIG, orjson.dumps(config)))
         proc.stdin.flush()
         assert list(frames.feed(proc.stdout.read(wire.HEADER.size))) == [(wire.READY, b"")]
@@ -413,7 +413,7 @@ def test_a_writer_whose_store_is_locked_sheds_reads_past_its_queue_and_counts_th
     assert [request for request, seq in acks if seq > 0] == [9]  # the durable entry behind the shed reads
     stats = orjson.loads([payload for kind, payload in out if kind == wire.STATS][-1])
     stored = sum(1 for event in ledger_events(db) if event.get("kind") == "decision" and "completion" in event)
-    assert stats["dropped"] >= 2 * (40 - 1 - 3), stats
+    assert stats["dropped"] >= 2 * (40 - 2), stats  # it took two batches of two reads (then held 4 >= 3)
     assert stored + stats["dropped"] == 80, (stored, stats)
     assert ledger.verify(sqlite_sink.read_rows(sqlite3.connect(db))).ok
 
@@ -534,10 +534,11 @@ def test_acknowledgements_are_read_and_settled_on_the_event_loop(tmp_path):
                 frames = sys._current_frames()[thread.ident]  # noqa: SLF001
                 assert "_read_some" not in repr(traceback.extract_stack(frames)), "the thread reads"
             await future
-        # 300 acknowledgements (and their STATS): the thread woke for its 0.5 s checks at most
-        # (a reader would wake for each), and no settling was handed to the loop from another thread.
+        # 300 acknowledgements (and their STATS): the thread woke for its 0.5 s checks and its
+        # hand-over (each wake may wait for the GIL a few times: voluntary switches too), not for
+        # each (a reader would wake ~300 times), and no settling was handed to the loop from another thread.
         woke, elapsed = switches(thread) - before_switches, time.monotonic() - t0
-        assert woke <= min(4 * elapsed + 10, 150), (woke, elapsed)
+        assert woke <= min(4 * elapsed + 40, 150), (woke, elapsed)
         assert loop.handed[before_handed:] == []
         assert seen == [(threading.get_ident(), i + 3) for i in range(300)]
 

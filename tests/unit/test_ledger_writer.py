@@ -59,6 +59,37 @@ def test_a_commit_whose_answer_was_lost_is_not_written_twice(tmp_path):
     assert ledger.verify(sqlite_sink.read_rows(conn)).ok
 
 
+class Down(sqlite_sink.SqliteStore):
+    """Refuses commits while ``down`` is set (a locked file, a sink that went away)."""
+
+    down = True
+
+    def write(self, chain, entries, checkpoints):  # noqa: ANN001, ANN201
+        if entries and Down.down:
+            raise OSError("the store is down")
+        super().write(chain, entries, checkpoints)
+
+
+def test_what_the_writer_holds_counts_retried_entries_until_they_commit(tmp_path):
+    """held() (what the writer process sheds reads by) keeps the non-durable entries it retries,
+    lets go of the durable ones it refused, and is zero once the store took everything."""
+    from dbguard.audit.writer import LedgerUnavailable
+
+    writer = LedgerWriter(Down(str(tmp_path / "l.db")), "c1")
+    Down.down = True
+    try:
+        for second in range(3):
+            writer.append(_event("s1", second))
+        with pytest.raises(LedgerUnavailable):
+            writer.append(_event("s2", 9), durable=True).result(5)
+        assert writer.held() == 3 and writer.committed == 0
+    finally:
+        Down.down = False
+    assert writer.append(_event("s3", 10), durable=True).result(5) == 4
+    writer.close()
+    assert writer.held() == 0 and writer.committed == 4
+
+
 def test_search_finds_matches_behind_blocks_of_other_users_reads(tmp_path):
     path = str(tmp_path / "l.db")
     writer = sqlite_sink.SqliteLedger(path, "c1")
@@ -122,7 +153,9 @@ def test_a_block_expands_to_exactly_the_decision_events_of_its_reads(tmp_path):
     path = str(tmp_path / "l.db")
     writer = sqlite_sink.SqliteLedger(path, "c1")
     expected = _reads(writer)
+    assert writer.held() == len(expected)  # nothing committed yet (READ_LINGER is long here)
     writer.close()
+    assert writer.held() == 0 and writer.committed == len(expected)
     conn = sqlite3.connect(path)
     blocks = [orjson.loads(d) for (d,) in conn.execute("SELECT data FROM entries WHERE kind = 'reads' ORDER BY id")]
     assert len(blocks) == 2 and [b["count"] for b in blocks] == [11, 29]  # one per minute

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from dbguard.audit import events, read_records
+from dbguard.audit import events, ledger, read_records
 from dbguard.audit import ledger_wire as wire
 from dbguard.audit.writer import (
     BLOCK_MAX,
@@ -70,10 +70,10 @@ PIPE_SIZE = 1024 * 1024
 LOCK_WAIT = 15.0  # seconds a new writer waits for the previous writer of its chain
 START_TIMEOUT = LOCK_WAIT + 30.0
 STATS_EVERY = 0.1
-# Entries the writer process holds uncommitted (queued, or kept for retry while the store fails)
-# before it sheds further reads (counted as dropped): its memory stays bounded through a long
-# outage of the store. A batch of reads of one minute is one entry (at most READ_BATCH reads).
-QUEUE_MAX = 2048
+# Reads and entries the writer process holds uncommitted (queued, being committed, or kept for
+# retry while the store fails) before it sheds further batches of reads (counted as dropped): its
+# memory stays bounded (tens of MB) through a long outage of the store.
+HOLD_MAX = 100_000
 # Writer processes, numbered across every LedgerProcess: a shape's ``sent`` names the one that knows it.
 _generations = itertools.count(1)
 _batches = itertools.count(1)  # batches of reads, across every LedgerProcess: a shape's ``batch``
@@ -677,11 +677,11 @@ def _open_writer(config: dict[str, Any]) -> Any:
         from dbguard.audit import postgres_sink
 
         return postgres_sink.PostgresLedger(config["target"], config["chain"], signing_key=key,
-                                            checkpoint_every=config.get("checkpoint_every", 1000))
+                                            checkpoint_every=config.get("checkpoint_every", ledger.SIGN_EVERY))
     from dbguard.audit import sqlite_sink
 
     return sqlite_sink.SqliteLedger(config["target"], config["chain"], signing_key=key,
-                                    checkpoint_every=config.get("checkpoint_every", 1000),
+                                    checkpoint_every=config.get("checkpoint_every", ledger.SIGN_EVERY),
                                     synchronous=config.get("synchronous", "NORMAL"))
 
 
@@ -734,9 +734,9 @@ def serve(inp: int = 0, out: int = 1) -> int:
     shapes: dict[int, events.ReadShape] = {}
     received = 0
     unknown = 0
-    shed = 0  # reads not queued: the writer held queue_max entries
-    shedding = 0  # reads shed since the queue last had room (logged once per episode)
-    queue_max = int(config.get("queue_max", QUEUE_MAX))
+    shed = 0  # reads not queued: the writer held hold_max reads and entries
+    shedding = 0  # reads shed since the writer last had room (logged once per episode)
+    hold_max = int(config.get("hold_max", HOLD_MAX))
 
     def acked(request: int, future: concurrent.futures.Future) -> None:
         error = future.exception()
@@ -795,14 +795,14 @@ def serve(inp: int = 0, out: int = 1) -> int:
         """Whether a batch of ``count`` reads has room; if not it is counted as dropped (reads are
         never durable: what must be durable still queues, and the store answers it)."""
         nonlocal shed, shedding
-        if writer.queued() < queue_max:
+        if writer.held() < hold_max:
             if shedding:
                 log.warning("ledger: the store caught up; %d reads were dropped meanwhile", shedding)
                 shedding = 0
             return True
         if not shedding:
-            log.error("ledger: %d entries wait for the store (%s); reads are dropped (counted) until it "
-                      "catches up", writer.queued(), writer.last_error or "it is slower than the traffic")
+            log.error("ledger: %d reads and entries wait for the store (%s); reads are dropped (counted) "
+                      "until it catches up", writer.held(), writer.last_error or "it is slower than the traffic")
         shed += count
         shedding += count
         return False

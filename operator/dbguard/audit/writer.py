@@ -97,6 +97,11 @@ class Built:
         self.data, self.event, self.reads = data, event, reads
 
 
+def _weight(items: list[tuple[Any, ...]]) -> int:
+    """Reads and entries in pending or retried items: a built block counts the reads it holds."""
+    return len(items) + sum(item[0].reads - 1 for item in items if type(item[0]) is Built)
+
+
 def resolve_waiters(futures: list[tuple[Waiter, int | None]], error: BaseException | None) -> None:
     """Settle the waiters of a batch, each with its own entry's sequence number (or all with the
     error): concurrent futures and those of the loop running here at once, other asyncio futures
@@ -288,7 +293,7 @@ class LedgerWriter:
     """Append-only, hash-chained ledger of one proxy instance, written by one thread."""
 
     def __init__(self, store: Store, chain: str, *, signing_key: Ed25519PrivateKey | None = None,
-                 checkpoint_every: int = 1000, name: str = "") -> None:
+                 checkpoint_every: int = ledger.SIGN_EVERY, name: str = "") -> None:
         self.store = store
         self.name = name or chain
         self.chain = chain
@@ -304,6 +309,10 @@ class LedgerWriter:
         self._retry: list[tuple[bytes | Read, bool]] = []
         self._last_signed = 0.0
         self.committed = 0
+        # Reads and entries appended, and those committed or given up: ``held()`` is what waits in
+        # memory (a block of reads counts its reads). Each counter has one writing thread.
+        self.taken = 0
+        self.released = 0
         self.commit_latency = Buckets(LEDGER_BUCKETS)
         self.failures = 0
         self.dropped = 0
@@ -327,6 +336,7 @@ class LedgerWriter:
             except RuntimeError:
                 future = concurrent.futures.Future()
         self._items.append((data, future, block))
+        self.taken += 1
         if future is not None or len(self._items) >= BATCH_MAX:
             self._wake.set()
         return future
@@ -337,18 +347,24 @@ class LedgerWriter:
         chains reads in blocks that store each shape once: the event loop neither builds nor
         serializes the read's entry, and queues the object itself (no tuple to allocate)."""
         self._items.append(completion)
+        self.taken += 1
         if len(self._items) >= BATCH_MAX and not self._wake.is_set():  # set() takes a lock: once per batch
             self._wake.set()
 
     def append_built(self, entry: Built) -> None:
         """Queue an entry built elsewhere (never durable): chained and stored as it is."""
         self._items.append((entry, None, False))
+        self.taken += entry.reads
         if len(self._items) >= BATCH_MAX and not self._wake.is_set():
             self._wake.set()
 
     def queued(self) -> int:
         """Entries not yet committed: the ledger's lag."""
         return len(self._items) + len(self._retry)
+
+    def held(self) -> int:
+        """Reads and entries appended and neither committed nor given up (a commit's too)."""
+        return self.taken - self.released
 
     def close(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -387,6 +403,7 @@ class LedgerWriter:
                     if self._stopping_attempts < 3:
                         continue  # the store may be back in a moment: try again before giving up
                     self.dropped += len(self._retry)
+                    self.released += _weight(self._retry)
                     log.error("ledger %s: shutting down with the store failing; %d non-durable entries "
                               "were not recorded", self.name, len(self._retry))
                 break
@@ -445,6 +462,7 @@ class LedgerWriter:
                 self.dropped += len(keep) - RETRY_LIMIT
                 log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
                 keep = keep[-RETRY_LIMIT:]
+            self.released += _weight(pending) - _weight(keep)  # the refused durable ones, the dropped
             self._retry = keep
             resolve_waiters([(fut, None) for _, fut, _ in pending if fut is not None], LedgerUnavailable(self.last_error))
             # A commit whose answer was lost may have landed: continue from what is stored. If the
@@ -469,6 +487,8 @@ class LedgerWriter:
         if checkpoints:
             self._signed_seq = checkpoints[-1][0]
         self._retry = []
-        self.committed += len(pending) + sum(d.reads - 1 for d, _, _ in pending if type(d) is Built)
+        done = _weight(pending)
+        self.committed += done
+        self.released += done
         resolve_waiters([(fut, item_seq) for (_, fut, _), item_seq in zip(pending, item_seqs, strict=True)
                   if fut is not None], None)
