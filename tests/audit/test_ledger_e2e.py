@@ -98,6 +98,44 @@ def test_rehashing_the_chain_after_an_edit_is_caught_by_signed_checkpoints(pg: P
     assert r.returncode == 1 and "signature does not verify" in r.stdout, r.stdout
 
 
+def test_rehashing_the_chain_and_deleting_its_checkpoints_is_caught_with_the_key(pg: Postgres, tmp_path, keys):
+    """The attacker cannot sign, so they delete the checkpoints: nothing signed vouches for the chain."""
+    from dbguard.audit import ledger
+
+    priv, pub = keys
+    db = _populated_ledger(pg, tmp_path, priv)
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT id, seq, data FROM entries ORDER BY id").fetchall()
+    prev = ledger.GENESIS
+    for id_, seq, data in rows:
+        data = bytes(data).replace(b"bob", b"eve") if seq == 3 else bytes(data)
+        h = ledger.entry_hash(prev, seq, "proxy-a", data)
+        conn.execute("UPDATE entries SET data = ?, prev = ?, hash = ? WHERE id = ?", (data, prev, h, id_))
+        prev = h
+    conn.execute("DELETE FROM checkpoints")
+    conn.commit()
+    assert audit("verify", "--ledger", str(db)).returncode == 0  # the chain alone looks fine ...
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))  # ... but the key vouches for none of it
+    assert r.returncode == 1 and "BROKEN chain proxy-a: entry 1 unsigned" in r.stdout, r.stdout
+
+
+def test_entries_after_the_last_signed_checkpoint_are_named(pg: Postgres, tmp_path, keys):
+    """Entries written after the last checkpoint (a writer killed before it signed) verify as a chain,
+    and verify says which ones the key does not cover yet."""
+    priv, pub = keys
+    db = _populated_ledger(pg, tmp_path, priv)
+    conn = sqlite3.connect(db)
+    last = conn.execute("SELECT max(seq) FROM entries").fetchone()[0]
+    first = conn.execute("SELECT min(seq) FROM checkpoints").fetchone()[0]
+    assert first < last
+    conn.execute("DELETE FROM checkpoints WHERE seq > ?", (first,))  # a writer killed after its first signature
+    conn.commit()
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub))
+    assert r.returncode == 0 and r.stdout.startswith(f"note: chain proxy-a: entries {first + 1}-{last} follow its "
+                                                     "last signed checkpoint"), r.stdout
+    assert "OK:" in r.stdout
+
+
 def kill_9_mid_writes(proxy) -> int:  # noqa: ANN001 - a tests.fix_proxy.Proxy
     """Four clients write until the proxy is killed with SIGKILL; returns how many writes they saw answered."""
     answered: list[int] = []

@@ -17,6 +17,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 GENESIS = "0" * 64
+# The writer signs a checkpoint at least every SIGN_EVERY entries (in the same transaction as the
+# entry): a longer unsigned run is evidence that checkpoints were removed.
+SIGN_EVERY = 1000
 
 
 def entry_hash(prev: str, seq: int, chain: str, data: bytes) -> str:
@@ -58,7 +61,7 @@ class Checkpoint:
 class Problem:
     chain: str
     seq: int  # the first entry that is not what the chain says
-    kind: str  # altered | removed | reordered | bad-checkpoint
+    kind: str  # altered | removed | reordered | bad-checkpoint | unsigned
     detail: str
 
 
@@ -68,6 +71,9 @@ class VerifyResult:
     chains: int
     checkpoints: int
     problems: tuple[Problem, ...]
+    # With a public key: (chain, first, last) entries after a chain's last signed checkpoint, fewer
+    # than SIGN_EVERY (a running writer's last second, or a writer that died before it signed).
+    unsigned_tails: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -114,6 +120,7 @@ def verify(rows: Iterable[Row], checkpoints: Iterable[Checkpoint] = (),
             problems[chain] = dataclasses.replace(
                 problem, kind="reordered", detail=f"entry {problem.seq} is stored out of order ({problem.detail})")
     n_checkpoints = 0
+    covered: dict[str, int] = {}  # chain -> the last entry a valid signed checkpoint vouches for
     for cp in checkpoints:
         n_checkpoints += 1
         if cp.chain in problems and problems[cp.chain].seq <= cp.seq:
@@ -134,6 +141,30 @@ def verify(rows: Iterable[Row], checkpoints: Iterable[Checkpoint] = (),
         elif stored != cp.hash:
             problems.setdefault(cp.chain, Problem(chain=cp.chain, seq=cp.seq, kind="altered",
                                                   detail="entries were re-hashed: the signed checkpoint disagrees"))
+        elif public_key is not None and cp.seq > covered.get(cp.chain, 0):
+            covered[cp.chain] = cp.seq
+    tails = []
+    if public_key is not None:
+        # A checkpoint covers every entry before it (the chain links them); the writer signs its
+        # first commit, every SIGN_EVERY-th entry in the same transaction, and at least once a
+        # second: entries the key vouches for none of, or a longer unsigned tail, were rewritten
+        # (or written) by someone who removed the checkpoints, or by a proxy without the key.
+        for chain, (seq, _) in last.items():
+            if chain in problems:
+                continue
+            signed = covered.get(chain, 0)
+            if signed == 0:
+                problems[chain] = Problem(chain=chain, seq=1, kind="unsigned", detail=(
+                    f"no checkpoint signed with this key covers the chain's {seq} entries: they could have "
+                    "been written by anyone with access to the store (or by a proxy without "
+                    "--ledger-signing-key)"))
+            elif seq - signed >= SIGN_EVERY:
+                problems[chain] = Problem(chain=chain, seq=signed + 1, kind="unsigned", detail=(
+                    f"entries {signed + 1}-{seq} follow the last signed checkpoint, and the writer signs at least "
+                    f"every {SIGN_EVERY}: checkpoints were removed (or a proxy without --ledger-signing-key "
+                    "wrote them)"))
+            elif seq > signed:
+                tails.append((chain, signed + 1, seq))
     ordered = tuple(sorted(problems.values(), key=lambda p: (p.chain, p.seq)))
     return VerifyResult(entries=count, chains=len(set(last) | set(problems)), checkpoints=n_checkpoints,
-                        problems=ordered)
+                        problems=ordered, unsigned_tails=tuple(sorted(tails)))

@@ -168,7 +168,7 @@ class PostgresLedger(LedgerWriter):
     """The writer over a PostgreSQL database."""
 
     def __init__(self, url: str, chain: str, *, signing_key: Ed25519PrivateKey | None = None,
-                 checkpoint_every: int = 1000) -> None:
+                 checkpoint_every: int = ledger.SIGN_EVERY) -> None:
         super().__init__(PostgresStore(url), chain, signing_key=signing_key, checkpoint_every=checkpoint_every,
                          name=f"postgresql sink ({chain})")
 

@@ -111,7 +111,7 @@ class SqliteLedger(LedgerWriter):
     """The writer over a SQLite file."""
 
     def __init__(self, path: str, chain: str, *, signing_key: Ed25519PrivateKey | None = None,
-                 checkpoint_every: int = 1000, synchronous: str = "NORMAL") -> None:
+                 checkpoint_every: int = ledger.SIGN_EVERY, synchronous: str = "NORMAL") -> None:
         self.path = path
         super().__init__(SqliteStore(path, synchronous=synchronous), chain, signing_key=signing_key,
                          checkpoint_every=checkpoint_every, name=path)
