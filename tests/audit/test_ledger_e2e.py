@@ -117,6 +117,10 @@ def test_rehashing_the_chain_and_deleting_its_checkpoints_is_caught_with_the_key
     assert audit("verify", "--ledger", str(db)).returncode == 0  # the chain alone looks fine ...
     r = audit("verify", "--ledger", str(db), "--public-key", str(pub))  # ... but the key vouches for none of it
     assert r.returncode == 1 and "BROKEN chain proxy-a: entry 1 unsigned" in r.stdout, r.stdout
+    assert "--allow-unsigned" in r.stdout
+    # Chains written before the key was set are legitimate: reported, not refused, when asked.
+    r = audit("verify", "--ledger", str(db), "--public-key", str(pub), "--allow-unsigned")
+    assert r.returncode == 0 and "note: chain proxy-a: entry 1 onwards unsigned" in r.stdout, r.stdout
 
 
 def test_entries_after_the_last_signed_checkpoint_are_named(pg: Postgres, tmp_path, keys):

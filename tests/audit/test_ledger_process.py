@@ -370,6 +370,28 @@ def _record(index: int, when: float, stmt: int, tag: bytes, length: int | None =
     return read_records.RECORD.pack(index, when, stmt, 5, len(tag) if length is None else length) + tag
 
 
+def test_a_read_appended_as_close_packs_the_last_ones_is_counted(tmp_path):
+    """append_read saw the ledger open, and close() packed the reads and sent QUIT before the read
+    reached the list (the loop's append and the executor's close interleave): it is counted as
+    dropped, not left in a buffer nobody sends."""
+    ledger = LedgerProcess({"store": "sqlite", "target": str(tmp_path / "l.db"), "chain": "c", "key": None},
+                           name="l")
+    shape = ReadShape(b'"session":"s"', b'"statement":"SELECT 1"')
+    when = datetime.datetime.now(datetime.UTC)
+
+    class ClosedMeanwhile(list):
+        def append(self, item: object) -> None:
+            ledger.close()  # between append_read's check and its append
+            super().append(item)
+
+    for i in range(10):
+        ledger.append_read(Done(i, b'{"stmt":1,"status":"ok"}', (when, shape)))
+    ledger._reads = ClosedMeanwhile(ledger._reads)
+    ledger.append_read(Done(10, b'{"stmt":1,"status":"ok"}', (when, shape)))
+    stored = sum(1 for event in ledger_events(tmp_path / "l.db") if event.get("kind") == "decision")
+    assert (stored, ledger.dropped) == (10, 1)
+
+
 def test_a_writer_whose_store_is_locked_sheds_reads_past_its_queue_and_counts_them(tmp_path):
     """While the store cannot commit, the writer holds about hold_max reads and entries: further batches
     of reads are dropped and counted (its memory stays bounded through a long outage); what must be

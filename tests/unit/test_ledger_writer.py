@@ -224,3 +224,38 @@ def test_a_read_appended_whole_without_a_time_does_not_stall_the_writer(tmp_path
     reads = [r for e in events for r in (search.block_reads(e) if e["kind"] == "reads" else [e])]
     assert [r["stmt"] for r in reads] == [1, 2, 3, 4]
     assert ledger.verify(sqlite_sink.read_rows(conn)).ok
+
+
+def test_verify_reads_one_snapshot_of_a_ledger_being_written(tmp_path):
+    """Checkpoints are signed while verify scans: it must see entries and checkpoints as of one
+    moment, or a new checkpoint names an entry the scan did not see ("removed")."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dbguard.audit import cli
+
+    key = Ed25519PrivateKey.generate()
+    path = str(tmp_path / "l.db")
+    live = sqlite_sink.SqliteLedger(path, "c1", signing_key=key, checkpoint_every=1)  # every entry signed
+    for second in range(5):
+        live.append(_event("s1", second), durable=True).result(5)
+
+    class WrittenMeanwhile:
+        read_checkpoints = staticmethod(sqlite_sink.read_checkpoints)
+
+        @staticmethod
+        def read_rows(conn):  # noqa: ANN001, ANN205
+            for i, row in enumerate(sqlite_sink.read_rows(conn)):
+                if i == 2:  # the proxy commits (and signs) three more while verify is halfway
+                    for second in range(10, 13):
+                        live.append(_event("s2", second), durable=True).result(5)
+                yield row
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        result = cli._verify_snapshot(conn, WrittenMeanwhile, key.public_key())  # noqa: SLF001
+        assert result.ok and result.entries == 5 and result.unsigned_tails == (), result
+        again = cli._verify_snapshot(conn, sqlite_sink, key.public_key())  # noqa: SLF001
+        assert again.ok and again.entries == 8
+    finally:
+        conn.close()
+        live.close()

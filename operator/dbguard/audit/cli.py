@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sqlite3
 import sys
@@ -33,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v = sub.add_parser("verify", help="prove the hash chain and signed checkpoints; name the first bad entry")
     v.add_argument("--ledger", required=True, metavar="FILE|URL", help="the SQLite file or postgresql:// URL")
     v.add_argument("--public-key", metavar="PEM", help="Ed25519 public key that checks the signed checkpoints")
+    v.add_argument("--allow-unsigned", action="store_true",
+                   help="with --public-key: report chains (or runs of 1000+ entries) that no checkpoint signed with "
+                        "the key covers as notes, not failures (chains written before the key was set, or by "
+                        "proxies without it)")
     v.set_defaults(audit_func=run_verify)
     s = sub.add_parser("search", help="who did what, when: filters are ANDed; indexed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -99,10 +104,16 @@ def run_verify(args: argparse.Namespace) -> int:
     if not isinstance(conn, sqlite3.Connection):
         from dbguard.audit import postgres_sink
         store = postgres_sink
-    result = ledger.verify(store.read_rows(conn), store.read_checkpoints(conn), public_key)
+    result = _verify_snapshot(conn, store, public_key)
+    if args.allow_unsigned:
+        unsigned = [p for p in result.problems if p.kind == "unsigned"]
+        for p in unsigned:
+            print(f"note: chain {p.chain}: entry {p.seq} onwards unsigned: {p.detail}")
+        result = dataclasses.replace(result, problems=tuple(p for p in result.problems if p.kind != "unsigned"))
     for chain, first, last in result.unsigned_tails:
         print(f"note: chain {chain}: entries {first}-{last} follow its last signed checkpoint (the writer signs "
-              "within a second while its proxy runs; if the writer died, the chain's next writer signs them)")
+              "within a second while its proxy runs; a writer that died before it signed leaves them unsigned "
+              "until the chain is written again with the key)")
     if result.ok:
         signed = f", {result.checkpoints} signed checkpoints verified" if public_key else \
             f", {result.checkpoints} checkpoints (signatures not checked: give --public-key)"
@@ -110,7 +121,29 @@ def run_verify(args: argparse.Namespace) -> int:
         return 0
     for p in result.problems:
         print(f"BROKEN chain {p.chain}: entry {p.seq} {p.kind}: {p.detail}")
+    if any(p.kind == "unsigned" for p in result.problems):
+        print("(chains written before the key was set, or by proxies without it: --allow-unsigned reports them "
+              "as notes)")
     return 1
+
+
+def _verify_snapshot(conn: Any, store: Any, public_key: Ed25519PublicKey | None) -> ledger.VerifyResult:
+    """Verify one consistent view of a ledger that proxies may be writing: otherwise a checkpoint
+    signed during the scan names an entry the scan did not see, and entries written meanwhile
+    look like an unsigned run."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN")  # WAL: the first read fixes the snapshot until the end of the transaction
+        try:
+            checkpoints = list(store.read_checkpoints(conn))
+            return ledger.verify(store.read_rows(conn), checkpoints, public_key)
+        finally:
+            conn.rollback()
+    import psycopg
+
+    conn.conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    with conn.conn.transaction():  # (read_rows streams in a savepoint of it)
+        checkpoints = list(store.read_checkpoints(conn))
+        return ledger.verify(store.read_rows(conn), checkpoints, public_key)
 
 
 def run_search(args: argparse.Namespace) -> int:

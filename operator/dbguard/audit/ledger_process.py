@@ -117,6 +117,7 @@ class LedgerProcess:
         self._next_request = 1
         self._sent = 0  # entries and reads handed to this generation
         self._closing = False
+        self._quit_sent = False  # QUIT is in the buffer: the writer takes nothing after it
         self._child: dict[str, Any] = {}  # the current writer's counters (its STATS frames)
         self._base = {"committed": 0, "failures": 0, "dropped": 0}  # counters of earlier writers
         self._latency_base = Buckets(LEDGER_BUCKETS)
@@ -162,7 +163,7 @@ class LedgerProcess:
     def queued(self) -> int:
         """Entries not yet committed: in this buffer, in the pipe and in the writer."""
         return (len(self._reads) + max(0, self._sent - self._child.get("received", 0))
-                + self._child.get("queued", 0))
+                + self._child.get("held", self._child.get("queued", 0)))
 
     # -- the writer process -------------------------------------------------------------------------
 
@@ -384,7 +385,8 @@ class LedgerProcess:
         with self._lock:
             waiting, self._waiting = self._waiting, {}
             child = self._child
-            lost = max(0, self._sent - child.get("received", 0)) + child.get("queued", 0)
+            # reads and entries in the pipe, and those the writer held (a block counts its reads)
+            lost = max(0, self._sent - child.get("received", 0)) + child.get("held", child.get("queued", 0))
             for key in self._base:
                 self._base[key] += child.get(key, 0)
             self._base["dropped"] += lost
@@ -482,7 +484,8 @@ class LedgerProcess:
             return
         reads = self._reads
         reads.append(completion)
-        if len(reads) >= READ_BATCH:
+        # (closing: close() may have packed the reads already; _flush packs this one, or counts it)
+        if self._closing or len(reads) >= READ_BATCH:
             self._flush()
         elif self._timer is None:
             self._arm()
@@ -496,7 +499,7 @@ class LedgerProcess:
         reads = queued[:]
         del queued[:len(reads)]
         buf, gen = self._buf, self._gen
-        if len(buf) > BUFFER_MAX:
+        if len(buf) > BUFFER_MAX or self._quit_sent:
             self._base["dropped"] += len(reads)
             return
         batch = next(_batches)
@@ -598,6 +601,7 @@ class LedgerProcess:
                 if self._reads:
                     self._pack_reads()
                 self._buf += wire.frame(wire.QUIT, b"")
+                self._quit_sent = True
                 self._write_all(deadline)
         proc = self._proc
         if proc is not None:
@@ -749,7 +753,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
         return wire.frame(wire.STATS, orjson.dumps({
             "committed": writer.committed, "failures": writer.failures, "dropped": writer.dropped + unknown + shed,
             "last_failed": writer.last_failed, "last_error": writer.last_error, "received": received,
-            "queued": writer.queued(), "latency": {"counts": latency.counts, "total": latency.total,
+            "queued": writer.queued(), "held": writer.held(), "latency": {"counts": latency.counts, "total": latency.total,
                                                     "count": latency.count}}))
 
     # A batch of reads of one minute becomes one block entry as it came; other batches (across a
@@ -824,6 +828,8 @@ def serve(inp: int = 0, out: int = 1) -> int:
             cut()  # the chain keeps the order the proxy sent things in
             received += 1
             request, block = wire.ENTRY_BODY.unpack_from(payload)
+            if block and not request and not shed_or_take(1):  # a read sent whole: shed like the others
+                return
             future = writer.append(payload[wire.ENTRY_BODY.size:], durable=request != 0, block=bool(block))
             if future is not None:
                 future.add_done_callback(lambda f, r=request: acked(r, f))  # type: ignore[union-attr]

@@ -402,7 +402,7 @@ class LedgerWriter:
                     self._stopping_attempts += 1
                     if self._stopping_attempts < 3:
                         continue  # the store may be back in a moment: try again before giving up
-                    self.dropped += len(self._retry)
+                    self.dropped += _weight(self._retry)
                     self.released += _weight(self._retry)
                     log.error("ledger %s: shutting down with the store failing; %d non-durable entries "
                               "were not recorded", self.name, len(self._retry))
@@ -459,8 +459,9 @@ class LedgerWriter:
             log.error("ledger %s: commit of %d entries failed: %s", self.name, len(pending), self.last_error)
             keep = [(data, block) for data, fut, block in pending if fut is None]
             if len(keep) > RETRY_LIMIT:
-                self.dropped += len(keep) - RETRY_LIMIT
-                log.error("ledger: %d non-durable entries dropped after repeated failures", len(keep) - RETRY_LIMIT)
+                given_up = _weight(keep[:-RETRY_LIMIT])  # (a block counts its reads)
+                self.dropped += given_up
+                log.error("ledger: %d non-durable reads and entries dropped after repeated failures", given_up)
                 keep = keep[-RETRY_LIMIT:]
             self.released += _weight(pending) - _weight(keep)  # the refused durable ones, the dropped
             self._retry = keep
