@@ -76,19 +76,25 @@ def test_tampering_in_sqlite_is_caught_and_named(pg: Postgres, tmp_path, keys, t
     assert "BROKEN chain proxy-a: entry" in r.stdout and kind in r.stdout, r.stdout
 
 
-def test_rehashing_the_chain_after_an_edit_is_caught_by_signed_checkpoints(pg: Postgres, tmp_path, keys):
+def _edited_and_rechained(db: pathlib.Path) -> sqlite3.Connection:
+    """What an attacker with write access does: edit entry 3 and re-chain every entry after it."""
     from dbguard.audit import ledger
 
-    priv, pub = keys
-    db = _populated_ledger(pg, tmp_path, priv)
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT id, seq, data FROM entries ORDER BY id").fetchall()
     prev = ledger.GENESIS
-    for id_, seq, data in rows:  # an attacker with write access edits entry 3 and re-chains everything
+    for id_, seq, data in rows:
         data = bytes(data).replace(b"bob", b"eve") if seq == 3 else bytes(data)
         h = ledger.entry_hash(prev, seq, "proxy-a", data)
         conn.execute("UPDATE entries SET data = ?, prev = ?, hash = ? WHERE id = ?", (data, prev, h, id_))
         prev = h
+    return conn
+
+
+def test_rehashing_the_chain_after_an_edit_is_caught_by_signed_checkpoints(pg: Postgres, tmp_path, keys):
+    priv, pub = keys
+    db = _populated_ledger(pg, tmp_path, priv)
+    conn = _edited_and_rechained(db)
     # ... and points the checkpoints at the new hashes; only the signatures cannot be redone
     conn.execute("UPDATE checkpoints SET hash = (SELECT e.hash FROM entries e"
                  " WHERE e.chain = checkpoints.chain AND e.seq = checkpoints.seq)")
@@ -100,18 +106,9 @@ def test_rehashing_the_chain_after_an_edit_is_caught_by_signed_checkpoints(pg: P
 
 def test_rehashing_the_chain_and_deleting_its_checkpoints_is_caught_with_the_key(pg: Postgres, tmp_path, keys):
     """The attacker cannot sign, so they delete the checkpoints: nothing signed vouches for the chain."""
-    from dbguard.audit import ledger
-
     priv, pub = keys
     db = _populated_ledger(pg, tmp_path, priv)
-    conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT id, seq, data FROM entries ORDER BY id").fetchall()
-    prev = ledger.GENESIS
-    for id_, seq, data in rows:
-        data = bytes(data).replace(b"bob", b"eve") if seq == 3 else bytes(data)
-        h = ledger.entry_hash(prev, seq, "proxy-a", data)
-        conn.execute("UPDATE entries SET data = ?, prev = ?, hash = ? WHERE id = ?", (data, prev, h, id_))
-        prev = h
+    conn = _edited_and_rechained(db)
     conn.execute("DELETE FROM checkpoints")
     conn.commit()
     assert audit("verify", "--ledger", str(db)).returncode == 0  # the chain alone looks fine ...
