@@ -799,7 +799,7 @@ def serve(inp: int = 0, out: int = 1) -> int:
         """Whether a batch of ``count`` reads has room; if not it is counted as dropped (reads are
         never durable: what must be durable still queues, and the store answers it)."""
         nonlocal shed, shedding
-        if writer.held() < hold_max:
+        if writer.held() < (hold_max // 2 if shedding else hold_max):  # (room for half again: no flapping)
             if shedding:
                 log.warning("ledger: the store caught up; %d reads were dropped meanwhile", shedding)
                 shedding = 0
