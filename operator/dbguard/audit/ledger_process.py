@@ -447,7 +447,7 @@ class LedgerProcess:
             except RuntimeError:
                 future = concurrent.futures.Future()
         with self._lock:
-            if self._closing and not durable:  # after the writer's last frame: counted, never sent
+            if self._quit_sent and not durable:  # after the writer's last frame: counted, never sent
                 self._base["dropped"] += 1
                 return None
             if durable:
@@ -478,13 +478,9 @@ class LedgerProcess:
         """Queue a read (never durable): the completion itself, packed with the others of its
         batch at the next flush (one tight loop per batch costs the event loop less than packing
         each read as it finishes)."""
-        if self._closing:  # after the writer's last frame: counted, as an entry it never took
-            with self._lock:
-                self._base["dropped"] += 1
-            return
         reads = self._reads
         reads.append(completion)
-        # (closing: close() may have packed the reads already; _flush packs this one, or counts it)
+        # (closing: close() may have sent QUIT already; _flush packs this one, or counts it dropped)
         if self._closing or len(reads) >= READ_BATCH:
             self._flush()
         elif self._timer is None:
@@ -782,18 +778,14 @@ def serve(inp: int = 0, out: int = 1) -> int:
             cut()  # the chain keeps the order the proxy sent things in
             writer.append_built(packed_block(known, earliest, count, records))
             return
-        try:
-            for index, when, stmt, duration, tail in read_records.records(records):
-                shape = known[index] if index < len(known) else None
-                if shape is None:
-                    unknown_shape(numbers[index] if index < len(numbers) else index)
-                    continue
-                done = blocks.add(shape, round(when * 1e6),
-                                  (tail,) if type(tail) is dict else (stmt, duration, tail))
-                if done is not None:
-                    writer.append_built(done)
-        except ValueError as exc:  # read_records.CorruptRecords, or a completion that is not JSON
-            raise wire.CorruptStream(f"a batch of reads: {exc}") from exc
+        for index, when, stmt, duration, tail in read_records.records(records):  # (checked above)
+            shape = known[index]
+            if shape is None:
+                unknown_shape(numbers[index])
+                continue
+            done = blocks.add(shape, round(when * 1e6), (tail,) if type(tail) is dict else (stmt, duration, tail))
+            if done is not None:
+                writer.append_built(done)
 
     def shed_or_take(count: int) -> bool:
         """Whether a batch of ``count`` reads has room; if not it is counted as dropped (reads are

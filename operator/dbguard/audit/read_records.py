@@ -41,7 +41,10 @@ def whole(index: int, when: float, stmt: int, completion: bytes) -> bytes:
 def check(data: bytes, count: int, shapes: int, earliest: float, latest: float) -> None:
     """Raise ``CorruptRecords`` unless ``data`` is exactly ``count`` whole records, each naming one
     of ``shapes`` shapes, decided between ``earliest`` and ``latest``, with an ASCII tag or a JSON
-    object: what a block that keeps the records as they came must hold to read back as they were."""
+    object: what a block that keeps the records as they came must hold to read back as they were.
+
+    It walks the records itself rather than through ``records()``: it decodes no tag and builds no
+    tuple per read (the writer process checks every read; ~0.25 µs each here)."""
     pos, end, n, unpack, length_of, loads = 0, len(data), 0, RECORD.unpack_from, LENGTH.unpack_from, orjson.loads
     fixed = RECORD.size
     if not 0.0 <= earliest <= latest < MAX_TIME:

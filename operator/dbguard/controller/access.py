@@ -59,9 +59,8 @@ def referred_secrets(spec: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return refs
 
 
-def _signing_key_problem(api: client.ApiClient, namespace: str, ref: dict[str, Any]) -> str:
+def _signing_key_problem(secret: client.V1Secret, ref: dict[str, Any]) -> str:
     """Why the ledger's signing key would stop the sidecar from starting ("" if it would not)."""
-    secret = client.CoreV1Api(api).read_namespaced_secret(ref["name"], namespace)
     key = ref.get("key", "ledger.key")
     try:
         pem = base64.b64decode(secret.data[key])
@@ -77,8 +76,9 @@ def check(api: client.ApiClient, access: dict[str, Any]) -> tuple[bool, str, str
     """(ready, reason, message, policy revision) from the Secret and the policies referred to."""
     namespace = access["metadata"]["namespace"]
     spec = access.get("spec") or {}
+    secrets: dict[str, client.V1Secret] = {}
     for name, keys in referred_secrets(spec):
-        secret = get_or_none(client.CoreV1Api(api).read_namespaced_secret, name, namespace)
+        secret = secrets[name] = get_or_none(client.CoreV1Api(api).read_namespaced_secret, name, namespace)
         if secret is None:
             return False, "SecretNotFound", f"Secret {name!r} not found in namespace {namespace}", ""
         missing = [k for k in keys if k not in (secret.data or {})]
@@ -86,7 +86,7 @@ def check(api: client.ApiClient, access: dict[str, Any]) -> tuple[bool, str, str
             return False, "SecretKeyMissing", f"Secret {name!r} has no key(s) {missing}", ""
     signing = ((spec.get("proxy") or {}).get("ledger") or {}).get("signingKeySecret")
     if signing:
-        problem = _signing_key_problem(api, namespace, signing)
+        problem = _signing_key_problem(secrets[signing["name"]], signing)
         if problem:
             return False, "SecretInvalid", problem, ""
     revisions = []
